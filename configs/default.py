@@ -1,0 +1,71 @@
+"""The paper's recipe (Rajpurkar et al., MURA): DenseNet-169 at 320x320, batch 8, Adam 1e-4,
+learning rate x0.1 whenever an epoch's validation loss fails to improve, flips and 30-degree
+rotations, the 5 lowest-validation-loss checkpoints kept for the ensemble.
+
+Train on real MURA with
+    python launch.py --config configs/default.py --config.data.root=/path/to/MURA-v1.1 \
+        --workdir runs/mura
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "densenet169"  # densenet121/161/169/201, densenet_tiny
+    config.model.dtype = "float32"  # compute dtype; params, loss and metrics stay float32
+    config.model.remat = False  # recompute dense-layer bottlenecks in the backward pass
+    config.model.bn_momentum = 0.9
+    config.model.bn_epsilon = 1.001e-5  # Keras's value: required when init_from is a Keras file
+
+    config.data = ml_collections.ConfigDict()
+    config.data.root = ""  # the MURA-v1.1 folder (the one holding train_image_paths.csv)
+    config.data.synthetic_studies = 0  # >0 and root empty: generate synthetic MURA in workdir
+    config.data.image_size = 320
+    config.data.resize = "stretch"  # 'stretch' (paper) or 'pad' (keep aspect ratio)
+    config.data.hflip = True
+    config.data.rotation_degrees = 30.0
+    config.data.study_types = ""  # comma-separated subset, e.g. "XR_WRIST,XR_HAND"; empty: all
+    config.data.fraction = 1.0  # fraction of studies to use (quick runs)
+    config.data.on_missing = "error"  # listed image missing: 'error' or 'skip' (counted)
+    config.data.on_bad_image = "error"  # unreadable image: 'error' or 'skip' (counted)
+    config.data.num_workers = 0  # Grain worker processes (0: decode in the main process)
+    config.data.prefetch = 2  # batches buffered per worker
+
+    config.batch_size = 8  # global, across all devices and processes
+    config.eval_batch_size = 16
+    config.num_epochs = 20
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 1e-4
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.plateau_factor = 0.1
+    config.optim.plateau_patience = 0  # epochs without improvement tolerated before a drop
+    config.optim.plateau_cooldown = 0  # epochs after a drop during which no drop happens
+    config.optim.plateau_threshold = 1e-4  # relative improvement that counts
+    config.optim.min_learning_rate = 1e-8
+
+    config.parallelism = "jit"  # 'jit' (mesh with a 'data' axis) or 'pmap'
+    config.init_from = ""  # Keras DenseNet HDF5 with ImageNet weights; fresh runs only
+    config.checkpoint_every_steps = 1000
+    config.keep_best = 5
+    config.log_every_steps = 50
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.enabled = False
+    config.distributed.coordinator_address = ""  # host:port; empty: from the environment
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.split = "valid"
+    config.eval.ensemble_top_k = 5
+    config.eval.threshold = 0.5
+    config.eval.bootstrap_samples = 10000
+    config.eval.readers = ""  # CSV of per-study reader labels for the reader comparison
+    return config
