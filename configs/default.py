@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_best = 5
     config.log_every_steps = 50
+    config.stop_after_steps = 0  # >0: save and stop after this many steps (time-sliced jobs)
 
     config.distributed = ml_collections.ConfigDict()
     config.distributed.enabled = False

@@ -5,3 +5,15 @@ import os
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# Tests build the same tiny programs many times (every train_and_evaluate compiles its steps);
+# a persistent compilation cache shared by the session turns most compiles into loads.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("MURAJAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "murajax-test-xla")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

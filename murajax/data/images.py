@@ -1,0 +1,225 @@
+"""Decoding radiographs with PIL and turning them into network inputs.
+
+``load_image`` decodes any PIL mode to uint8 HxWx3. ``preprocess`` resizes (``stretch`` as in the
+paper, or ``pad``: aspect ratio kept, centred, black padding), flips and rotates in a single PIL
+affine transform on uint8, then normalises with the ImageNet statistics in float32.
+
+The pipeline uses the faster pair ``decode`` / ``transform_and_normalize``, which keep grayscale
+images single-channel until the final normalisation (identical results).
+
+Mode handling: 8-bit grayscale ('L', '1') as is; 16-bit grayscale ('I;16*', and 'I' as PNG
+decodes 16-bit files in older Pillow) scaled linearly from 0..65535 to 0..255; 'F' clipped to
+0..255; palette 'P', 'RGB', 'CMYK', 'YCbCr' converted to RGB; alpha ('LA', 'RGBA', 'PA') dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from murajax.errors import UserError
+
+IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], dtype=np.float32)
+# x_uint8 * _SCALE + _OFFSET == (x / 255 - mean) / std
+_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+
+RESIZE_MODES = ("stretch", "pad")
+
+# Never decode half an image silently.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_FIX = (
+    "Remove it from the CSV (or the folder), replace it with a readable image, or set "
+    "--config.data.on_bad_image=skip to skip unreadable images."
+)
+
+
+def _bad_image(path, reason) -> UserError:
+    return UserError(f"{path}: cannot read image ({reason}). {_FIX}")
+
+
+def _to_l_or_rgb(image: Image.Image, path) -> Image.Image:
+    """Any PIL mode -> 'L' (grayscale) or 'RGB', uint8."""
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        return image
+    if mode == "1":
+        return image.convert("L")
+    if mode == "LA" or mode == "La":
+        return image.getchannel(0)
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(image)
+        if mode == "I":
+            a = np.clip(a, 0, 65535)
+        a = a.astype(np.uint32)
+        # Round(v * 255 / 65535) == (v + 128) // 257 for 0 <= v <= 65535.
+        return Image.fromarray(((a + 128) // 257).astype(np.uint8))
+    if mode == "F":
+        a = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    if mode in ("P", "PA"):
+        return image.convert("RGB")
+    try:
+        return image.convert("RGB")  # RGBA, RGBX, CMYK, YCbCr, LAB, HSV, ...
+    except (ValueError, OSError) as e:
+        raise _bad_image(path, f"unsupported image mode {mode!r}: {e}") from None
+
+
+def decode(path) -> Image.Image:
+    """Decodes ``path`` to a PIL image in mode 'L' or 'RGB' (uint8). UserError if unreadable."""
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            out = _to_l_or_rgb(image, path)
+            if out is image:
+                out = image.copy() if image.fp is not None else image
+    except FileNotFoundError:
+        raise _bad_image(path, "file not found") from None
+    except UserError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _bad_image(path, str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        # UnidentifiedImageError (zero bytes, not an image) is an OSError; truncated files raise
+        # OSError("image file is truncated") or SyntaxError / ValueError from the PNG plugin.
+        reason = str(e) or type(e).__name__
+        if os.path.exists(path) and os.path.getsize(path) == 0:
+            reason = "empty file (0 bytes)"
+        raise _bad_image(path, reason) from None
+    if out.width < 1 or out.height < 1:
+        raise _bad_image(path, f"empty image of size {out.width}x{out.height}")
+    return out
+
+
+def load_image(path) -> np.ndarray:
+    """Decodes ``path`` with PIL to uint8 HxWx3 (grayscale replicated to 3 channels)."""
+    image = decode(path)
+    a = np.asarray(image, dtype=np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(a)
+
+
+def check_resize(resize) -> str:
+    if resize not in RESIZE_MODES:
+        raise UserError(f"config.data.resize must be 'stretch' or 'pad', got {resize!r}")
+    return resize
+
+
+def check_image_size(image_size) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or (
+        image_size < 1
+    ):
+        raise UserError(f"config.data.image_size must be a positive integer, got {image_size!r}")
+    return int(image_size)
+
+
+def _affine_coefficients(width, height, size, resize, flip, angle):
+    """PIL AFFINE data (output pixel centre -> input pixel coordinates).
+
+    Forward map, input -> output: scale about the input centre (per axis for 'stretch', uniform
+    min for 'pad'), rotate by ``angle`` degrees (counter-clockwise on screen) about the centre,
+    mirror horizontally if ``flip``, translate to the output centre.
+    """
+    if resize == "stretch":
+        sx, sy = size / width, size / height
+    else:
+        sx = sy = min(size / width, size / height)
+    theta = math.radians(angle)
+    c, s = math.cos(theta), math.sin(theta)
+    # Output (u, v) relative to the output centre; undo flip, then undo rotation (rotation by
+    # +theta counter-clockwise on screen, whose y axis points down), then undo scale.
+    f = -1.0 if flip else 1.0
+    # (u', v') = (f*u, v); rotate back by -theta (screen): x' = c*u' - s*v', y' = s*u' + c*v'
+    a = c * f / sx
+    b = -s / sx
+    d = s * f / sy
+    e = c / sy
+    ocx = ocy = size / 2.0
+    icx, icy = width / 2.0, height / 2.0
+    # x_in = a*(X - ocx) + b*(Y - ocy) + icx, in PIL's pixel-corner coordinates.
+    return (a, b, icx - a * ocx - b * ocy, d, e, icy - d * ocx - e * ocy)
+
+
+def transform(image: Image.Image, image_size: int, resize: str, *, flip=False, angle=0.0):
+    """Resize (+ flip + rotate) a PIL 'L'/'RGB' image to ``image_size`` squared in one affine
+    transform; outside the source: black."""
+    width, height = image.size
+    size = int(image_size)
+    scale = min(size / width, size / height) if resize == "pad" else max(
+        size / width, size / height
+    )
+    # Bilinear sampling aliases when shrinking a lot: first reduce by an integer box factor.
+    factor = int(1.0 / scale / 1.5) if scale < 1 / 3 else 1
+    if factor >= 2:
+        factor_x = factor_y = factor
+        if resize == "stretch":
+            factor_x = max(1, int(width / size / 1.5))
+            factor_y = max(1, int(height / size / 1.5))
+        if factor_x > 1 or factor_y > 1:
+            image = image.reduce((factor_x, factor_y))
+            width, height = image.size
+    if not flip and not angle and resize == "stretch" and (width, height) == (size, size):
+        return image
+    coefficients = _affine_coefficients(width, height, size, resize, flip, float(angle))
+    return image.transform(
+        (size, size), Image.AFFINE, coefficients, resample=Image.BILINEAR, fillcolor=0
+    )
+
+
+# _LUT[v, c] == (v / 255 - mean[c]) / std[c]: normalising is a table look-up.
+_LUT = (np.arange(256, dtype=np.float32)[:, None] * _SCALE + _OFFSET).astype(np.float32)
+_LUT_CHANNELS = [np.ascontiguousarray(_LUT[:, c]) for c in range(3)]
+
+
+def normalize(image) -> np.ndarray:
+    """uint8 HxW (grayscale) or HxWx3 -> float32 HxWx3, ImageNet-normalised on [0, 1] values."""
+    a = np.asarray(image, dtype=np.uint8)
+    out = np.empty(a.shape[:2] + (3,), dtype=np.float32)
+    normalize_into(a, out)
+    return out
+
+
+def normalize_into(image, out: np.ndarray) -> None:
+    """``out[...] = normalize(image)`` without temporaries (``out``: float32 HxWx3)."""
+    a = np.asarray(image, dtype=np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        np.take(_LUT, a, axis=0, out=out)  # a grey channel becomes 3
+    else:
+        for c in range(3):
+            np.take(_LUT_CHANNELS[c], a[:, :, c], out=out[:, :, c])
+
+
+def transform_and_normalize(image: Image.Image, image_size, resize, *, flip=False, angle=0.0):
+    return normalize(transform(image, image_size, resize, flip=flip, angle=angle))
+
+
+def preprocess(image_uint8, image_size, resize, *, flip=False, angle=0.0) -> np.ndarray:
+    """uint8 HxWx3 (or HxW) -> float32 (image_size, image_size, 3), ImageNet-normalised.
+
+    ``resize``: 'stretch' (both sides to ``image_size``, as in the paper) or 'pad' (longest side
+    to ``image_size``, aspect ratio kept, centred, black padding). ``flip``: mirror left-right.
+    ``angle``: rotation in degrees about the centre (corners filled black).
+    """
+    resize = check_resize(resize)
+    image_size = check_image_size(image_size)
+    a = np.asarray(image_uint8)
+    if a.dtype != np.uint8:
+        raise ValueError(f"preprocess expects uint8 pixels, got {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        image = Image.fromarray(a)
+    elif a.ndim == 3 and a.shape[2] == 3:
+        image = Image.fromarray(a)
+    else:
+        raise ValueError(f"preprocess expects HxW or HxWx3 pixels, got shape {a.shape}")
+    return transform_and_normalize(image, image_size, resize, flip=flip, angle=angle)

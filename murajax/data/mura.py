@@ -1,0 +1,602 @@
+"""Reading MURA: the CSVs of MURA-v1.1 (or any folder of studies) into an index of images.
+
+MURA-v1.1 layout (see docs / MURA.md)::
+
+    MURA-v1.1/
+      train_image_paths.csv      # "MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/image1.png"
+      train_labeled_studies.csv  # "MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/,1"
+      valid_image_paths.csv
+      valid_labeled_studies.csv
+      train/XR_WRIST/patient00001/study1_positive/image1.png
+
+The file list comes from the CSVs, never from listing folders. Every problem with the files
+raises ``UserError`` naming the file and row and saying how to fix it; listed images that are
+missing on disk may instead be skipped (``on_missing='skip'``), and skips are counted in
+``MuraIndex.skipped`` and logged.
+
+Study ids are the study folder relative to the MURA-v1.1 folder, without the trailing slash:
+``"valid/XR_WRIST/patient11185/study1_positive"``.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import math
+import os
+import pathlib
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+from absl import logging
+
+from murajax.errors import UserError
+
+STUDY_TYPES = (
+    "XR_ELBOW",
+    "XR_FINGER",
+    "XR_FOREARM",
+    "XR_HAND",
+    "XR_HUMERUS",
+    "XR_SHOULDER",
+    "XR_WRIST",
+)
+NUM_STUDY_TYPES = len(STUDY_TYPES)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+ON_MISSING = ("error", "skip")
+_MAX_LOGGED_SKIPS = 10
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NATURAL_RE = re.compile(r"(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    path: str  # absolute path of the image file
+    study: str  # study id, e.g. "valid/XR_WRIST/patient11185/study1_positive"
+    study_type: int  # index into STUDY_TYPES, -1 if unknown
+    patient: str
+    label: int  # 1 abnormal, 0 normal, -1 unknown (unlabeled test-style studies)
+
+
+@dataclasses.dataclass
+class MuraIndex:
+    """The images of one split, in file-list order, and their studies."""
+
+    images: list[ImageRecord]
+    studies: list[str]  # study ids in first-appearance order
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_studies(self) -> int:
+        return len(self.studies)
+
+    def _study_map(self) -> dict[str, list[int]]:
+        cache = self.__dict__.get("_views_cache")
+        if cache is None or cache[0] != len(self.images):
+            views: dict[str, list[int]] = collections.defaultdict(list)
+            for i, record in enumerate(self.images):
+                views[record.study].append(i)
+            cache = (len(self.images), dict(views))
+            self.__dict__["_views_cache"] = cache
+        return cache[1]
+
+    def views(self, study: str) -> list[int]:
+        """Positions in ``images`` of the views of ``study``, in file-list order."""
+        try:
+            return list(self._study_map()[study])
+        except KeyError:
+            raise KeyError(f"study {study!r} is not in this index") from None
+
+    def study_of_image(self) -> np.ndarray:
+        """int32 [num_images]: position in ``studies`` of each image's study."""
+        position = {s: i for i, s in enumerate(self.studies)}
+        return np.asarray([position[r.study] for r in self.images], dtype=np.int32)
+
+    def labels(self) -> np.ndarray:
+        """int32 [num_images]: each image's (study's) label."""
+        return np.asarray([r.label for r in self.images], dtype=np.int32)
+
+    def study_types(self) -> np.ndarray:
+        """int32 [num_images]: each image's study type (index into STUDY_TYPES, -1 unknown)."""
+        return np.asarray([r.study_type for r in self.images], dtype=np.int32)
+
+    def study_labels(self) -> np.ndarray:
+        """int32 [num_studies]: the label of each study, in ``studies`` order."""
+        first = {}
+        for r in self.images:
+            first.setdefault(r.study, r.label)
+        return np.asarray([first[s] for s in self.studies], dtype=np.int32)
+
+    def study_study_types(self) -> np.ndarray:
+        """int32 [num_studies]: the study type of each study, in ``studies`` order."""
+        first = {}
+        for r in self.images:
+            first.setdefault(r.study, r.study_type)
+        return np.asarray([first[s] for s in self.studies], dtype=np.int32)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per study type: images and studies, abnormal and normal (for logs and reports)."""
+        out: dict[str, dict[str, int]] = {}
+        seen_studies = set()
+        for r in self.images:
+            name = STUDY_TYPES[r.study_type] if r.study_type >= 0 else "unknown"
+            c = out.setdefault(
+                name,
+                {"images_abnormal": 0, "images_normal": 0, "images_unlabeled": 0,
+                 "studies_abnormal": 0, "studies_normal": 0, "studies_unlabeled": 0},
+            )
+            kind = {1: "abnormal", 0: "normal"}.get(r.label, "unlabeled")
+            c["images_" + kind] += 1
+            if r.study not in seen_studies:
+                seen_studies.add(r.study)
+                c["studies_" + kind] += 1
+        return out
+
+    def subset(self, studies: Iterable[str]) -> "MuraIndex":
+        """The images of the given studies (order of this index kept)."""
+        keep = set(studies)
+        images = [r for r in self.images if r.study in keep]
+        return MuraIndex(
+            images=images,
+            studies=[s for s in self.studies if s in keep],
+            skipped=dict(self.skipped),
+        )
+
+
+def index_from_records(records: Sequence[ImageRecord], skipped=None) -> MuraIndex:
+    """A ``MuraIndex`` from in-memory records (studies in first-appearance order)."""
+    studies = list(dict.fromkeys(r.study for r in records))
+    return MuraIndex(images=list(records), studies=studies, skipped=dict(skipped or {}))
+
+
+# ------------------------------------------------------------------------------------------
+# Options.
+
+
+def parse_study_types(study_types, field: str = "config.data.study_types") -> tuple[int, ...]:
+    """Study type names (a comma-separated string or a sequence) -> sorted STUDY_TYPES indices.
+
+    Accepts "XR_WRIST", "wrist", "xr_wrist". Empty: all types (returns ()).
+    """
+    if study_types is None:
+        return ()
+    if isinstance(study_types, str):
+        names = [s.strip() for s in study_types.split(",")]
+    else:
+        names = [str(s).strip() for s in study_types]
+    names = [n for n in names if n]
+    out = set()
+    for name in names:
+        key = name.upper()
+        if not key.startswith("XR_"):
+            key = "XR_" + key
+        if key not in STUDY_TYPES:
+            raise UserError(
+                f"{field}: unknown study type {name!r}. Use a comma-separated subset of "
+                f"{', '.join(STUDY_TYPES)} (e.g. --{field}=XR_WRIST,XR_HAND), or leave it "
+                "empty for all."
+            )
+        out.add(STUDY_TYPES.index(key))
+    return tuple(sorted(out))
+
+
+def _check_fraction(fraction, field="config.data.fraction") -> float:
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        raise UserError(f"{field} must be a number in (0, 1], got {fraction!r}") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise UserError(f"{field} must be in (0, 1] (1 = all studies), got {fraction!r}")
+    return value
+
+
+def _check_on_missing(on_missing, field="config.data.on_missing") -> str:
+    if on_missing not in ON_MISSING:
+        raise UserError(f"{field} must be 'error' or 'skip', got {on_missing!r}")
+    return on_missing
+
+
+def select_fraction(index: MuraIndex, fraction: float, seed: int = 0) -> MuraIndex:
+    """A deterministic subset of whole studies: ceil(fraction * num_studies), at least 1."""
+    fraction = _check_fraction(fraction)
+    if fraction >= 1.0 or not index.studies:
+        return index
+    n = len(index.studies)
+    keep_n = max(1, int(math.ceil(fraction * n - 1e-9)))
+    rng = np.random.default_rng([int(seed), 0x6D757261])
+    chosen = rng.permutation(n)[:keep_n]
+    return index.subset(index.studies[i] for i in chosen)
+
+
+def _filter_types(index: MuraIndex, types: tuple[int, ...]) -> MuraIndex:
+    if not types:
+        return index
+    keep = set(types)
+    return index.subset(dict.fromkeys(r.study for r in index.images if r.study_type in keep))
+
+
+# ------------------------------------------------------------------------------------------
+# MURA-v1.1 CSVs.
+
+
+def _label_from_suffix(folder_name: str) -> int:
+    if folder_name.endswith("_positive"):
+        return 1
+    if folder_name.endswith("_negative"):
+        return 0
+    return -1
+
+
+def _read_csv_rows(path: pathlib.Path) -> list[tuple[int, list[str]]]:
+    """(1-based row number, fields) for the non-blank rows of a CSV file."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = []
+            for row_number, row in enumerate(csv.reader(f), start=1):
+                if not row or all(not field.strip() for field in row):
+                    continue
+                rows.append((row_number, [field.strip() for field in row]))
+            return rows
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}: not a text CSV file ({e}). Restore it from the MURA-v1.1 download."
+        ) from None
+    except csv.Error as e:
+        raise UserError(f"{path}: malformed CSV ({e}). Restore it from the MURA-v1.1 download.")
+
+
+def _relative(path_field: str, root: pathlib.Path) -> str | None:
+    """A CSV path ("MURA-v1.1/train/...") relative to the MURA-v1.1 folder, or None if it is
+    not of that form. The first component may be MURA-v1.1 or the actual folder name."""
+    p = path_field.replace("\\", "/").strip().strip("/")
+    parts = [x for x in p.split("/") if x not in ("", ".")]
+    if len(parts) < 2 or ".." in parts:
+        return None
+    if parts[0] in ("MURA-v1.1", root.name) or parts[0].upper().startswith("MURA"):
+        parts = parts[1:]
+    return "/".join(parts)
+
+
+def read_split(
+    root,
+    split: str,
+    *,
+    study_types=(),
+    fraction: float = 1.0,
+    on_missing: str = "error",
+    seed: int = 0,
+) -> MuraIndex:
+    """Reads one split of MURA-v1.1 from its two CSVs.
+
+    Args:
+      root: the MURA-v1.1 folder (the one holding ``train_image_paths.csv``).
+      split: "train" or "valid" (any name with ``{split}_image_paths.csv`` and
+        ``{split}_labeled_studies.csv`` works).
+      study_types: names (comma-separated string or sequence) to keep; empty: all.
+      fraction: keep this fraction of whole studies (deterministic from ``seed``).
+      on_missing: an image listed in the CSV but absent on disk: 'error' raises, 'skip' counts
+        it in ``skipped`` and logs it.
+      seed: seed of the fraction subset.
+    """
+    on_missing = _check_on_missing(on_missing)
+    types = parse_study_types(study_types)
+    fraction = _check_fraction(fraction)
+    if not isinstance(split, str) or not _SPLIT_RE.match(split):
+        raise UserError(f"split must be a name such as 'train' or 'valid', got {split!r}")
+    root = _resolve_root(root)
+    images_csv = root / f"{split}_image_paths.csv"
+    studies_csv = root / f"{split}_labeled_studies.csv"
+    for csv_path in (studies_csv, images_csv):
+        if not csv_path.is_file():
+            raise UserError(
+                f"{csv_path}: CSV file missing. config.data.root must be the MURA-v1.1 folder "
+                f"holding {split}_image_paths.csv and {split}_labeled_studies.csv; re-extract "
+                "the MURA-v1.1 download there or point --config.data.root at the right folder."
+            )
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(
+            f"{split_dir}: folder missing (the images of the {split!r} split). Extract the "
+            "complete MURA-v1.1 download into config.data.root."
+        )
+
+    skipped: collections.Counter = collections.Counter()
+    logged = 0
+
+    def skip(reason: str, message: str) -> None:
+        nonlocal logged
+        skipped[reason] += 1
+        if logged < _MAX_LOGGED_SKIPS:
+            logging.warning("Skipping %s", message)
+            logged += 1
+
+    # Studies: "<study dir>/,<label>".
+    study_label: dict[str, int] = {}
+    study_row: dict[str, int] = {}
+    for row_number, fields in _read_csv_rows(studies_csv):
+        where = f"{studies_csv}, row {row_number}"
+        if len(fields) != 2:
+            raise UserError(
+                f"{where}: malformed row {','.join(fields)!r}: expected '<study folder>/,<label>' "
+                f"(e.g. 'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/,1'). Fix or "
+                "remove the row."
+            )
+        rel = _relative(fields[0], root)
+        parts = rel.split("/") if rel else []
+        if rel is None or len(parts) != 4 or parts[0] != split:
+            raise UserError(
+                f"{where}: malformed study path {fields[0]!r}: expected "
+                f"'MURA-v1.1/{split}/<study type>/<patient>/<study>/'. Fix or remove the row."
+            )
+        if fields[1] not in ("0", "1"):
+            raise UserError(
+                f"{where}: malformed label {fields[1]!r} for {fields[0]!r}: expected 0 (normal) or "
+                "1 (abnormal). Fix or remove the row."
+            )
+        label = int(fields[1])
+        if parts[1] not in STUDY_TYPES:
+            raise UserError(
+                f"{where}: unknown study type {parts[1]!r} in {fields[0]!r}; MURA study types are "
+                f"{', '.join(STUDY_TYPES)}. Fix the path or remove the row."
+            )
+        suffix_label = _label_from_suffix(parts[3])
+        if suffix_label >= 0 and suffix_label != label:
+            raise UserError(
+                f"{where}: label {label} disagrees with the folder name {parts[3]!r} "
+                f"(_positive means 1, _negative means 0). Correct the label or the folder name."
+            )
+        if rel in study_label:
+            if study_label[rel] != label:
+                raise UserError(
+                    f"{where}: study {fields[0]!r} is listed again with label {label}, but row "
+                    f"{study_row[rel]} gives {study_label[rel]}. Keep one row."
+                )
+            skip("duplicate study row", f"{where}: duplicate of row {study_row[rel]}")
+            continue
+        study_label[rel] = label
+        study_row[rel] = row_number
+
+    # Images: one path a row.
+    records: list[ImageRecord] = []
+    seen_images: dict[str, int] = {}
+    dir_cache: dict[str, set[str] | None] = {}
+    for row_number, fields in _read_csv_rows(images_csv):
+        where = f"{images_csv}, row {row_number}"
+        if len(fields) != 1:
+            raise UserError(
+                f"{where}: malformed row {','.join(fields)!r}: expected one image path such as "
+                f"'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/image1.png'. Fix or "
+                "remove the row."
+            )
+        rel = _relative(fields[0], root)
+        parts = rel.split("/") if rel else []
+        if rel is None or len(parts) != 5 or parts[0] != split:
+            raise UserError(
+                f"{where}: malformed image path {fields[0]!r}: expected "
+                f"'MURA-v1.1/{split}/<study type>/<patient>/<study>/<image>.png'. Fix or remove "
+                "the row."
+            )
+        if parts[1] not in STUDY_TYPES:
+            raise UserError(
+                f"{where}: unknown study type {parts[1]!r} in {fields[0]!r}; MURA study types are "
+                f"{', '.join(STUDY_TYPES)}. Fix the path or remove the row."
+            )
+        study = "/".join(parts[:4])
+        if study not in study_label:
+            raise UserError(
+                f"{where}: image {fields[0]!r} belongs to study '{study}/', which "
+                f"{studies_csv.name} does not list. Add the study with its label to "
+                f"{studies_csv} or remove the row."
+            )
+        if rel in seen_images:
+            skip("duplicate image row", f"{where}: duplicate of row {seen_images[rel]}")
+            continue
+        seen_images[rel] = row_number
+        path = root / rel
+        if not _exists(path, dir_cache):
+            if on_missing == "error":
+                raise UserError(
+                    f"{where}: image {fields[0]!r} is listed but missing: {path}. Restore the "
+                    f"file, remove the row from {images_csv.name}, or set "
+                    "--config.data.on_missing=skip to skip missing images."
+                )
+            skip("missing image", f"{where}: missing image {path}")
+            continue
+        records.append(
+            ImageRecord(
+                path=str(path),
+                study=study,
+                study_type=STUDY_TYPES.index(parts[1]),
+                patient=parts[2],
+                label=study_label[study],
+            )
+        )
+
+    with_images = set(r.study for r in records)
+    for study in study_label:
+        if study not in with_images:
+            skip("study without images", f"{studies_csv}, row {study_row[study]}: study "
+                 f"'{study}/' has no (existing) images in {images_csv.name}")
+
+    index = index_from_records(records, skipped)
+    index = _filter_types(index, types)
+    index = select_fraction(index, fraction, seed)
+    if skipped:
+        logging.warning(
+            "MURA %s split at %s: skipped %s.", split, root,
+            ", ".join(f"{n} {reason}(s)" for reason, n in sorted(skipped.items())),
+        )
+    if not index.images:
+        raise UserError(
+            f"{images_csv}: no images left to use (study_types={study_types!r}, "
+            f"fraction={fraction}, skipped: {dict(skipped) or 'none'}). Check config.data.root, "
+            "config.data.study_types and config.data.fraction."
+        )
+    logging.info(
+        "MURA %s: %d images, %d studies from %s%s.", split, len(index.images),
+        len(index.studies), root,
+        f" (study types {', '.join(STUDY_TYPES[t] for t in types)})" if types else "",
+    )
+    return index
+
+
+def _exists(path: pathlib.Path, cache: dict[str, set[str] | None]) -> bool:
+    """Whether ``path`` is a file, listing each folder once (faster than a stat per image)."""
+    folder = str(path.parent)
+    if folder not in cache:
+        try:
+            cache[folder] = set(os.listdir(folder))
+        except OSError:
+            cache[folder] = None
+    names = cache[folder]
+    return names is not None and path.name in names and path.is_file()
+
+
+def _resolve_root(root) -> pathlib.Path:
+    if root is None or str(root) == "":
+        raise UserError(
+            "config.data.root is empty. Set --config.data.root=/path/to/MURA-v1.1 (the folder "
+            "holding train_image_paths.csv), or config.data.synthetic_studies>0 for synthetic data."
+        )
+    path = pathlib.Path(os.path.expanduser(str(root))).absolute()
+    if not path.exists():
+        raise UserError(
+            f"{path}: folder missing. Set --config.data.root to the MURA-v1.1 folder (the one "
+            "holding train_image_paths.csv)."
+        )
+    if not path.is_dir():
+        raise UserError(
+            f"{path}: not a folder. Set --config.data.root to the MURA-v1.1 folder (the one "
+            "holding train_image_paths.csv)."
+        )
+    if not any(path.glob("*_image_paths.csv")):
+        nested = path / "MURA-v1.1"
+        if nested.is_dir() and any(nested.glob("*_image_paths.csv")):
+            logging.info("Using %s (the MURA-v1.1 folder inside %s).", nested, path)
+            return nested
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Folders of studies (prediction).
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t.lower() for t in _NATURAL_RE.split(name)]
+
+
+def _is_image_file(entry: os.DirEntry) -> bool:
+    return (
+        not entry.name.startswith(".")
+        and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+        and entry.is_file()
+    )
+
+
+def read_folder(path) -> MuraIndex:
+    """Indexes a folder of images for prediction: a single study folder, a tree of (possibly
+    unlabeled) study folders such as the test-style ``XR_WRIST/patient1/study1/``, or any folders
+    of images. Each folder that directly holds image files is one study; dot-files and
+    dot-folders are ignored.
+
+    Study type comes from an ``XR_*`` path component (-1 if none), patient from a ``patient*``
+    component ("" if none), label from a ``_positive``/``_negative`` suffix (-1 if none).
+    Study ids are folder paths relative to ``path`` (the folder's own name if ``path`` itself is
+    a study).
+    """
+    if path is None or str(path) == "":
+        raise UserError("No folder given: pass the folder holding the study (or studies).")
+    base = pathlib.Path(os.path.expanduser(str(path))).absolute()
+    if not base.exists():
+        raise UserError(f"{base}: folder missing. Pass an existing folder of studies or images.")
+    if base.is_file():
+        raise UserError(
+            f"{base}: a file, not a folder. Pass the folder holding the study's images."
+        )
+    records: list[ImageRecord] = []
+    for folder, dirnames, _ in os.walk(base):
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=_natural_key)
+        with os.scandir(folder) as it:
+            files = sorted((e.name for e in it if _is_image_file(e)), key=_natural_key)
+        if not files:
+            continue
+        folder_path = pathlib.Path(folder)
+        rel = folder_path.relative_to(base).as_posix()
+        study = base.name if rel == "." else rel
+        # The folder's own path below ``base``, plus ``base`` and its two parents (so a single
+        # study folder .../XR_WRIST/patient1/study1 still gets its type and patient).
+        components = list(base.parts[-3:]) + (
+            [] if rel == "." else list(folder_path.relative_to(base).parts))
+        study_type = -1
+        patient = ""
+        for c in components:
+            if c.upper() in STUDY_TYPES:
+                study_type = STUDY_TYPES.index(c.upper())
+            if c.lower().startswith("patient"):
+                patient = c
+        label = _label_from_suffix(folder_path.name)
+        for name in files:
+            records.append(
+                ImageRecord(
+                    path=str(folder_path / name),
+                    study=study,
+                    study_type=study_type,
+                    patient=patient,
+                    label=label,
+                )
+            )
+    if not records:
+        raise UserError(
+            f"{base}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in it or its "
+            "sub-folders. Pass the folder holding the study folders."
+        )
+    index = index_from_records(records)
+    logging.info("%s: %d images in %d studies.", base, len(index.images), len(index.studies))
+    return index
+
+
+# ------------------------------------------------------------------------------------------
+# Loss weights and config.
+
+
+def class_weights(index: MuraIndex) -> np.ndarray:
+    """float32 [7, 2]: weight[T, y] of the paper's weighted cross-entropy, over training images.
+
+    w_T1 = N_T / (A_T + N_T) (abnormal), w_T0 = A_T / (A_T + N_T) (normal), where A_T and N_T
+    count the abnormal and normal images of study type T. A type without labelled images gets
+    0.5 / 0.5 (it never contributes to the loss).
+    """
+    counts = np.zeros((NUM_STUDY_TYPES, 2), dtype=np.int64)  # [type, label]
+    for r in index.images:
+        if 0 <= r.study_type < NUM_STUDY_TYPES and r.label in (0, 1):
+            counts[r.study_type, r.label] += 1
+    normal = counts[:, 0].astype(np.float64)
+    abnormal = counts[:, 1].astype(np.float64)
+    total = normal + abnormal
+    weights = np.full((NUM_STUDY_TYPES, 2), 0.5, dtype=np.float64)
+    has = total > 0
+    weights[has, 1] = normal[has] / total[has]
+    weights[has, 0] = abnormal[has] / total[has]
+    return weights.astype(np.float32)
+
+
+def index_from_config(data_config, split: str) -> MuraIndex:
+    """``read_split(config.data.root, split, ...)`` with the subset options from the config."""
+    return read_split(
+        data_config.root,
+        split,
+        study_types=data_config.get("study_types", ""),
+        fraction=data_config.get("fraction", 1.0),
+        on_missing=data_config.get("on_missing", "error"),
+        seed=0,
+    )

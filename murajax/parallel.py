@@ -1,0 +1,142 @@
+"""How the pure steps run on many devices: ``jax.jit`` over a mesh, or ``jax.pmap``.
+
+Both strategies expose the same small surface, so the training loop never branches on which one
+is in use:
+
+* ``init_state(init_fn)``: build the state directly in its distributed layout;
+* ``place_state(state)``: put a host/restored state into that layout;
+* ``host_state(state)``: the single logical copy (for checkpoints, evaluation, inference);
+* ``shard_batch(local_batch)``: this process's batch -> the step's input;
+* ``train_step`` and ``eval_step``: compiled once each, state donated to ``train_step``.
+
+'jit' (the default) keeps one global array per leaf on a mesh with a ``data`` axis: batches are
+sharded along it, the state is replicated, and BatchNorm statistics are those of the global batch
+because XLA inserts the reductions. 'pmap' maps the steps over local devices; gradients, metrics
+and BatchNorm statistics are combined with collectives over the axis ``batch``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from murajax import steps
+from murajax.errors import UserError
+
+PMAP_AXIS = "batch"
+
+
+def _eval_with_positions(state, batch, axis_name=None):
+    """eval_step, plus the batch's image positions so hosts can place every probability."""
+    metrics, probabilities = steps.eval_step(state, batch, axis_name)
+    return metrics, probabilities, batch["index"]
+
+
+def check_batch_size(global_batch_size: int, field: str = "config.batch_size") -> None:
+    devices = jax.device_count()
+    processes = jax.process_count()
+    if global_batch_size <= 0 or global_batch_size % devices:
+        raise UserError(
+            f"{field}={global_batch_size} must be a positive multiple of the number of devices "
+            f"({devices}: {jax.local_device_count()} per process x {processes} processes); "
+            f"set it to e.g. {max(devices, global_batch_size // devices * devices)}"
+        )
+
+
+class JitStrategy:
+    """Global arrays on a 1-D ``data`` mesh: batch sharded, state replicated and donated."""
+
+    bn_axis_name = None
+
+    def __init__(self, devices=None):
+        self.mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.train_step = jax.jit(
+            steps.train_step,
+            in_shardings=(self.replicated, self.data_sharding),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            _eval_with_positions,
+            in_shardings=(self.replicated, self.data_sharding),
+            out_shardings=self.replicated,
+        )
+
+    def init_state(self, init_fn: Callable[[], steps.TrainState]) -> steps.TrainState:
+        return jax.jit(init_fn, out_shardings=self.replicated)()
+
+    def place_state(self, state):
+        return jax.device_put(state, self.replicated)
+
+    def host_state(self, state):
+        return state
+
+    def shard_batch(self, local_batch: dict) -> dict:
+        return {
+            key: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(value))
+            for key, value in local_batch.items()
+        }
+
+    def gather(self, x) -> np.ndarray:
+        """A replicated per-example step output as one host array."""
+        return np.asarray(jax.device_get(x))
+
+
+class PmapStrategy:
+    """One replica per local device; collectives over the ``batch`` axis."""
+
+    bn_axis_name = PMAP_AXIS
+
+    def __init__(self):
+        self.devices = jax.local_devices()
+        self.train_step = jax.pmap(
+            functools.partial(steps.train_step, axis_name=PMAP_AXIS),
+            axis_name=PMAP_AXIS,
+            donate_argnums=0,
+        )
+        self.eval_step = jax.pmap(
+            functools.partial(_eval_with_positions, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS
+        )
+
+    def init_state(self, init_fn):
+        return self.place_state(jax.jit(init_fn)())
+
+    def place_state(self, state):
+        n = len(self.devices)
+        stacked = jax.tree.map(lambda x: jax.numpy.broadcast_to(x, (n,) + x.shape), state)
+        return jax.pmap(lambda x: x, devices=self.devices)(stacked)
+
+    def host_state(self, state):
+        return jax.tree.map(lambda x: x[0], state)
+
+    def shard_batch(self, local_batch: dict) -> dict:
+        n = len(self.devices)
+        return {
+            key: np.asarray(value).reshape((n, -1) + np.shape(value)[1:])
+            for key, value in local_batch.items()
+        }
+
+    def gather(self, x) -> np.ndarray:
+        """Per-example outputs of every device (of every process) as one host array."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            x = multihost_utils.process_allgather(x)
+        x = np.asarray(jax.device_get(x))
+        return x.reshape(-1)  # per-example scalars: [processes?, devices, local batch] -> flat
+
+
+def create_strategy(name: str, global_batch_size: int, eval_batch_size: int):
+    check_batch_size(global_batch_size)
+    check_batch_size(eval_batch_size, "config.eval_batch_size")
+    if name == "jit":
+        return JitStrategy()
+    if name == "pmap":
+        return PmapStrategy()
+    raise UserError(f"config.parallelism must be 'jit' or 'pmap', got {name!r}")

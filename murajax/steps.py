@@ -1,0 +1,114 @@
+"""Pure training and evaluation steps: the paper's weighted loss, one Adam update, one eval batch.
+
+Nothing here is jitted, sharded or stateful: ``murajax.parallel`` wraps these same functions in
+``jax.jit`` over a device mesh or in ``jax.pmap``. Under ``pmap`` the caller passes the mapped
+axis name, and gradients and metrics are combined across devices with collectives; under ``jit``
+the arrays are global and ``axis_name`` stays ``None``.
+
+A batch is a dict of arrays: ``image`` [b, H, W, 3] float32, ``label`` [b] int32,
+``study_type`` [b] int32, ``mask`` [b] float32 (0 for padding or skipped images) and ``index`` [b]
+int32 (the image's position in its split, -1 for padding).
+"""
+
+# No `from __future__ import annotations`: clu reads the metric annotations at run time.
+import flax.struct
+import jax
+import jax.numpy as jnp
+from clu import metrics
+
+from murajax import optim
+from murajax.train_state import TrainState
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    accuracy: metrics.Average.from_output("correct")
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    accuracy: metrics.Average.from_output("correct")
+
+
+def example_weights(loss_weights: jax.Array, study_type: jax.Array, label: jax.Array) -> jax.Array:
+    """w_T1 for abnormal, w_T0 for normal images of study type T; 1 where the type is unknown."""
+    known = study_type >= 0
+    weights = loss_weights[jnp.where(known, study_type, 0), jnp.clip(label, 0, 1)]
+    return jnp.where(known, weights, 1.0)
+
+
+def weighted_bce(logits: jax.Array, label: jax.Array, weights: jax.Array) -> jax.Array:
+    """Per-example -w [y log p + (1-y) log(1-p)], p = sigmoid(logit), in float32."""
+    logits = logits.astype(jnp.float32)
+    y = label.astype(jnp.float32)
+    log_p = jax.nn.log_sigmoid(logits)
+    log_not_p = jax.nn.log_sigmoid(-logits)
+    return -weights * (y * log_p + (1.0 - y) * log_not_p)
+
+
+def _psum(x, axis_name):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _per_example_outputs(state: TrainState, logits: jax.Array, batch: dict) -> dict:
+    logits = logits[:, 0].astype(jnp.float32)
+    weights = example_weights(state.loss_weights, batch["study_type"], batch["label"])
+    return {
+        "logits": logits,
+        "loss": weighted_bce(logits, batch["label"], weights),
+        "correct": ((logits > 0).astype(jnp.int32) == batch["label"]).astype(jnp.float32),
+    }
+
+
+def _collect(collection, outputs: dict, mask: jax.Array, axis_name):
+    values = {"loss": outputs["loss"], "correct": outputs["correct"], "mask": mask > 0}
+    if axis_name is None:
+        return collection.single_from_model_output(**values)
+    return collection.gather_from_model_output(axis_name=axis_name, **values)
+
+
+def train_step(
+    state: TrainState, batch: dict, axis_name=None
+) -> tuple[TrainState, TrainMetrics]:
+    """One Adam update on the mean weighted loss over the (global) batch's unmasked examples."""
+    mask = batch["mask"].astype(jnp.float32)
+    # The global number of real examples: each device's share of the mean is its sum over it,
+    # so that summing gradients over devices gives the gradient of the global mean.
+    count = jnp.maximum(_psum(jnp.sum(mask), axis_name), 1.0)
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
+        )
+        outputs = _per_example_outputs(state, logits, batch)
+        return jnp.sum(outputs["loss"] * mask) / count, (outputs, updates["batch_stats"])
+
+    grads, (outputs, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads = _psum(grads, axis_name)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return new_state, _collect(TrainMetrics, outputs, mask, axis_name)
+
+
+def eval_step(
+    state: TrainState, batch: dict, axis_name=None
+) -> tuple[EvalMetrics, jax.Array]:
+    """Loss and accuracy over unmasked examples, and each example's probability of abnormal."""
+    logits = state.apply_fn(state.variables, batch["image"], train=False)
+    outputs = _per_example_outputs(state, logits, batch)
+    mask = batch["mask"].astype(jnp.float32)
+    return _collect(EvalMetrics, outputs, mask, axis_name), jax.nn.sigmoid(outputs["logits"])
+
+
+def apply_plateau(state: TrainState, val_loss, optim_config) -> TrainState:
+    """End of epoch: feed the validation loss to the plateau rule and set the next rate."""
+    plateau, rate = optim.plateau_step(
+        state.plateau, optim.learning_rate(state.opt_state), val_loss, optim_config
+    )
+    return state.replace(plateau=plateau, opt_state=optim.with_learning_rate(state.opt_state, rate))

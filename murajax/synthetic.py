@@ -1,0 +1,487 @@
+"""Synthetic MURA: a small dataset in the exact MURA-v1.1 layout, for demos and tests.
+
+    python -m murajax.synthetic --out DIR [--studies N] [--seed S]
+
+writes ``DIR/MURA-v1.1/`` with ``{train,valid}_image_paths.csv``,
+``{train,valid}_labeled_studies.csv`` and
+``{train,valid}/XR_<TYPE>/patient<NNNNN>/study<K>_{positive,negative}/image<V>.png``.
+
+Each view is a stylised radiograph: dark background, soft tissue, bones shaped by study type
+(two forearm bones, phalanges, a humeral head, ...), the limb rotated and shifted at random.
+Abnormal studies show orthopaedic hardware (a bright metal plate with screws, or a cluster of
+screws) and/or a dark fracture line across a bone, at a random place along it; their size is
+chosen to stay visible at 64x64. Normal studies never contain them. Distractors in both classes:
+burned-in laterality letters 'R'/'L' (bright, though less than metal), collimation borders, varying exposure,
+contrast, gamma and noise. Most PNGs are 8-bit grayscale, some RGB; longest side up to 512, some
+as narrow as ~90 px. Patients do not overlap between train and valid. The bytes are a function of
+the arguments only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from murajax.errors import UserError
+
+STUDY_TYPES = (
+    "XR_ELBOW",
+    "XR_FINGER",
+    "XR_FOREARM",
+    "XR_HAND",
+    "XR_HUMERUS",
+    "XR_SHOULDER",
+    "XR_WRIST",
+)
+# Train studies per type in MURA-v1.1: the type mix of the synthetic set.
+_TYPE_WEIGHTS = np.asarray([1754, 1935, 877, 2018, 592, 2821, 3460], dtype=np.float64)
+_ABNORMAL_FRACTION = 0.4
+_VIEWS_P = np.asarray([0.15, 0.35, 0.35, 0.15])  # 1..4 views
+_RGB_FRACTION = 0.12
+_MARKER = ".synthetic.json"
+_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------
+# Drawing helpers (PIL ImageDraw on 'L' masks).
+
+
+def _capsule(draw: ImageDraw.ImageDraw, p0, p1, width, fill=255):
+    w = max(1, int(round(width)))
+    draw.line([tuple(p0), tuple(p1)], fill=fill, width=w)
+    r = width / 2.0
+    for x, y in (p0, p1):
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+
+
+def _quad(draw, center, axis, normal, half_len, half_width, fill=255):
+    c, a, n = np.asarray(center), np.asarray(axis), np.asarray(normal)
+    pts = [c + a * half_len + n * half_width, c + a * half_len - n * half_width,
+           c - a * half_len - n * half_width, c - a * half_len + n * half_width]
+    draw.polygon([tuple(p) for p in pts], fill=fill)
+
+
+def _letter(draw, letter, x, y, h, stroke, fill):
+    """Draws 'R' or 'L' with strokes (no fonts: identical bytes everywhere)."""
+    w = 0.62 * h
+    s = max(1, int(round(stroke)))
+    if letter == "L":
+        draw.line([(x, y), (x, y + h)], fill=fill, width=s)
+        draw.line([(x - s / 2, y + h - s / 2), (x + w, y + h - s / 2)], fill=fill, width=s)
+    else:
+        draw.line([(x, y), (x, y + h)], fill=fill, width=s)
+        bowl = [x - s / 2, y, x + w, y + 0.55 * h]
+        draw.arc(bowl, start=-90, end=90, fill=fill, width=s)
+        draw.line([(x, y + s / 2), (x + w / 2, y + s / 2)], fill=fill, width=s)
+        draw.line([(x, y + 0.55 * h - s / 2), (x + w / 2, y + 0.55 * h - s / 2)], fill=fill,
+                  width=s)
+        draw.line([(x + 0.3 * w, y + 0.55 * h), (x + w, y + h)], fill=fill, width=s)
+
+
+def _mask(size):
+    image = Image.new("L", size, 0)
+    return image, ImageDraw.Draw(image)
+
+
+# ------------------------------------------------------------------------------------------
+# Anatomy.
+
+
+def _bones(rng, study_type: str, length: float, short: float):
+    """Bone segments in limb coordinates: list of (t0, s0, t1, s1, width).
+
+    t runs along the limb axis (0 = limb centre), s across it; units are pixels.
+    """
+    L, S = length, short
+    bones = []
+    if study_type == "XR_HUMERUS":
+        bones.append((-0.8 * L, 0.0, 0.8 * L, 0.0, rng.uniform(0.14, 0.2) * S))
+    elif study_type == "XR_FOREARM":
+        gap = rng.uniform(0.09, 0.13) * S
+        bones.append((-0.8 * L, -gap, 0.8 * L, -gap * 0.8, rng.uniform(0.08, 0.11) * S))
+        bones.append((-0.8 * L, gap, 0.8 * L, gap * 1.1, rng.uniform(0.07, 0.1) * S))
+    elif study_type == "XR_WRIST":
+        gap = rng.uniform(0.08, 0.11) * S
+        t_joint = rng.uniform(-0.1, 0.1) * L
+        bones.append((-0.8 * L, -gap, t_joint, -gap, rng.uniform(0.09, 0.12) * S))
+        bones.append((-0.8 * L, gap, t_joint - 0.03 * L, gap, rng.uniform(0.07, 0.1) * S))
+        for k in range(6):  # carpals
+            t = t_joint + (0.06 + 0.07 * (k // 3)) * L
+            s = (-1 + (k % 3)) * 0.1 * S
+            r = rng.uniform(0.04, 0.06) * S
+            bones.append((t, s, t + 0.01 * L, s, 2 * r))
+        for k in range(4):  # metacarpals
+            s = (-1.5 + k) * 0.11 * S
+            bones.append((t_joint + 0.28 * L, s, 0.8 * L, s * 1.4, rng.uniform(0.05, 0.07) * S))
+    elif study_type == "XR_HAND":
+        base = rng.uniform(-0.45, -0.3) * L
+        for k in range(5):
+            s0 = (-2 + k) * 0.09 * S
+            spread = (-2 + k) * rng.uniform(0.05, 0.09) * S
+            w = rng.uniform(0.045, 0.06) * S
+            t = base
+            seg_lengths = [0.3, 0.2, 0.14, 0.1] if k else [0.25, 0.18, 0.12]
+            for j, seg in enumerate(seg_lengths):
+                t1 = t + seg * L
+                bones.append((t, s0 + spread * j, t1 - 0.02 * L, s0 + spread * (j + 1), w))
+                t = t1
+    elif study_type == "XR_FINGER":
+        w = rng.uniform(0.13, 0.2) * S
+        t = -0.8 * L
+        for seg in (0.55, 0.4, 0.3, 0.25):
+            t1 = t + seg * L
+            bones.append((t, 0.0, t1 - 0.03 * L, 0.0, w))
+            t = t1
+            w *= 0.85
+    elif study_type == "XR_ELBOW":
+        bend = math.radians(rng.uniform(15, 80)) * rng.choice([-1, 1])
+        bones.append((-0.8 * L, 0.0, 0.0, 0.0, rng.uniform(0.14, 0.19) * S))
+        bones.append((-0.03 * L, 0.0, 0.03 * L, 0.0, rng.uniform(0.25, 0.3) * S))  # condyles
+        for s_off, w in ((-0.06, 0.09), (0.06, 0.08)):
+            t1 = 0.8 * L * math.cos(bend)
+            s1 = 0.8 * L * math.sin(bend)
+            bones.append((0.02 * L, s_off * S, t1, s1 + s_off * S, w * S))
+    else:  # XR_SHOULDER
+        bones.append((-0.1 * L, 0.0, 0.8 * L, 0.0, rng.uniform(0.16, 0.22) * S))
+        r = rng.uniform(0.16, 0.22) * S
+        bones.append((-0.12 * L, 0.0, -0.1 * L, 0.0, 2 * r))  # humeral head
+        bones.append((-0.3 * L, -0.5 * S, -0.25 * L, 0.5 * S, rng.uniform(0.06, 0.09) * S))
+        bones.append((-0.55 * L, -0.8 * S, -0.45 * L, 0.8 * S, rng.uniform(0.05, 0.08) * S))
+    return bones
+
+
+def _render_view(rng: np.random.Generator, study_type: str, lesion: str | None,
+                 rgb: bool) -> Image.Image:
+    """One view as a PIL 'L' or 'RGB' image."""
+    # Size: longest side up to 512; some narrow (fingers, forearms).
+    longest = int(rng.integers(320, 513))
+    if rng.random() < 0.12 or (study_type == "XR_FINGER" and rng.random() < 0.4):
+        shortest = int(rng.integers(88, 160))
+    else:
+        shortest = int(longest * rng.uniform(0.65, 1.0))
+    if rng.random() < 0.75:
+        width, height = shortest, longest
+    else:
+        width, height = longest, shortest
+    # Draw at half resolution (soft shapes), upsample, then add sharp details at full size.
+    hw, hh = (width + 1) // 2, (height + 1) // 2
+    length = float(max(hw, hh))
+    short = float(min(hw, hh))
+
+    base_angle = math.pi / 2 if height >= width else 0.0
+    phi = base_angle + math.radians(rng.uniform(-35, 35)) + (math.pi if rng.random() < 0.5 else 0)
+    axis = np.asarray([math.cos(phi), math.sin(phi)])
+    normal = np.asarray([-axis[1], axis[0]])
+    center = np.asarray([hw / 2, hh / 2]) + rng.uniform(-0.12, 0.12, 2) * np.asarray([hw, hh])
+
+    def point(t, s):
+        return center + axis * t + normal * s
+
+    soft, soft_draw = _mask((hw, hh))
+    _capsule(soft_draw, point(-1.2 * length, 0), point(1.2 * length, 0),
+             rng.uniform(0.5, 0.8) * short)
+    if study_type in ("XR_HAND", "XR_WRIST"):
+        soft_draw.ellipse(_bbox(point(0.15 * length, 0), 0.45 * short), fill=255)
+    bone, bone_draw = _mask((hw, hh))
+    extra, extra_draw = _mask((hw, hh))  # denser bone: fracture callus
+    marrow, marrow_draw = _mask((hw, hh))
+    bones = _bones(rng, study_type, length, short)
+    for t0, s0, t1, s1, w in bones:
+        _capsule(bone_draw, point(t0, s0), point(t1, s1), w)
+        if w > 0.06 * short:
+            _capsule(marrow_draw, point(t0, s0), point(t1, s1), 0.45 * w)
+
+    # Fracture: a thick dark jagged line across a long bone.
+    main = max(bones, key=lambda b: math.hypot(b[2] - b[0], b[3] - b[1]) * b[4])
+    t0, s0, t1, s1, w = main
+    def visible_fraction():
+        """A random place along the main bone inside the central part of the view."""
+        for _ in range(30):
+            f = rng.uniform(0.05, 0.95)
+            x, y = point(t0 + f * (t1 - t0), s0 + f * (s1 - s0))
+            if 0.18 * hw <= x <= 0.82 * hw and 0.18 * hh <= y <= 0.82 * hh:
+                return f
+        a, b = point(t0, s0), point(t1, s1)
+        d = b - a
+        centre = np.asarray([hw / 2, hh / 2])
+        return float(np.clip(np.dot(centre - a, d) / max(1e-6, np.dot(d, d)), 0.0, 1.0))
+
+    if lesion in ("fracture", "fracture+plate"):
+        # A healing fracture: a fusiform callus around the bone, crossed by a dark jagged line.
+        f = visible_fraction()
+        ft, fs = t0 + f * (t1 - t0), s0 + f * (s1 - s0)
+        d = np.asarray([t1 - t0, s1 - s0]) / max(1e-6, math.hypot(t1 - t0, s1 - s0))
+        along = (d[0], d[1])  # bone axis in limb coordinates
+        across = (-d[1], d[0])
+        a = max(rng.uniform(1.0, 1.4) * w, 0.1 * short)
+        b = max(rng.uniform(0.75, 0.95) * w, 0.06 * short)
+        angles = np.linspace(0.0, 2 * math.pi, 24, endpoint=False)
+        callus = [tuple(point(ft + a * math.cos(q) * along[0] + b * math.sin(q) * across[0],
+                              fs + a * math.cos(q) * along[1] + b * math.sin(q) * across[1]))
+                  for q in angles]
+        bone_draw.polygon(callus, fill=255)
+        extra_draw.polygon(callus, fill=255)
+        tilt = rng.uniform(-0.5, 0.5)
+        pts = []
+        for k in range(5):
+            u = (-1.0 + 0.5 * k) * 1.1 * b
+            v = tilt * u + rng.uniform(-0.1, 0.1) * w
+            pts.append(tuple(point(ft + v * along[0] + u * across[0],
+                                   fs + v * along[1] + u * across[1])))
+        thickness = max(3, int(round(rng.uniform(0.07, 0.1) * short)))
+        bone_draw.line(pts, fill=0, width=thickness)
+        extra_draw.line(pts, fill=0, width=thickness)
+        marrow_draw.line(pts, fill=0, width=thickness)
+
+    background = rng.uniform(0.02, 0.12)
+    tissue = rng.uniform(0.16, 0.28)
+    bone_level = rng.uniform(0.35, 0.5)
+    canvas = np.full((hh, hw), background, dtype=np.float32)
+    gx = np.linspace(-1, 1, hw, dtype=np.float32)[None, :]
+    gy = np.linspace(-1, 1, hh, dtype=np.float32)[:, None]
+    g = rng.uniform(-0.05, 0.05, 2).astype(np.float32)
+    canvas += g[0] * gx + g[1] * gy
+    canvas += np.asarray(soft, dtype=np.float32) * (tissue / 255.0)
+    canvas += np.asarray(bone, dtype=np.float32) * (bone_level / 255.0)
+    if lesion in ("fracture", "fracture+plate"):
+        canvas += np.asarray(extra, dtype=np.float32) * (rng.uniform(0.1, 0.15) / 255.0)
+    canvas -= np.asarray(marrow, dtype=np.float32) * (rng.uniform(0.08, 0.15) / 255.0)
+    full = np.array(
+        Image.fromarray(canvas).resize((width, height), Image.BILINEAR), dtype=np.float32
+    )
+
+    # Sharp details at full resolution.
+    detail, detail_draw = _mask((width, height))
+    scale = 2.0
+
+    def fpoint(t, s):
+        return point(t, s) * scale
+
+    if lesion in ("plate", "fracture+plate", "screws"):
+        f = visible_fraction()
+        mt, ms = t0 + f * (t1 - t0), s0 + f * (s1 - s0)
+        d = np.asarray([t1 - t0, s1 - s0]) / max(1e-6, math.hypot(t1 - t0, s1 - s0))
+        bone_axis = axis * d[0] + normal * d[1]
+        bone_normal = np.asarray([-bone_axis[1], bone_axis[0]])
+        side = rng.choice([-1.0, 1.0])
+        full_short = min(width, height)
+        plate_w = rng.uniform(0.08, 0.11) * full_short
+        c = fpoint(mt, ms) + bone_normal * side * (w * scale / 2)
+        if lesion != "screws":
+            plate_len = rng.uniform(0.3, 0.45) * max(width, height)
+            _quad(detail_draw, c, bone_axis, bone_normal, plate_len / 2, plate_w / 2)
+            n_screws = int(rng.integers(3, 6))
+            offsets = np.linspace(-0.4, 0.4, n_screws) * plate_len
+        else:
+            n_screws = int(rng.integers(2, 5))
+            offsets = (np.arange(n_screws) - (n_screws - 1) / 2) * rng.uniform(1.3, 2.0) * plate_w
+        screw_len = w * scale * rng.uniform(1.1, 1.5) + plate_w
+        for o in offsets:
+            p = c + bone_axis * o
+            tip = p - bone_normal * side * screw_len
+            _capsule(detail_draw, p, tip, 0.45 * plate_w)
+            detail_draw.ellipse(_bbox(p, 0.55 * plate_w), fill=255)
+
+    # Distractor: a burned-in laterality marker in a corner, nearly as bright as metal.
+    if rng.random() < 0.85:
+        h = rng.uniform(0.07, 0.12) * min(width, height) + 8
+        margin = rng.uniform(0.03, 0.12, 2) * np.asarray([width, height])
+        x = margin[0] if rng.random() < 0.5 else width - margin[0] - 0.62 * h
+        y = margin[1] if rng.random() < 0.5 else height - margin[1] - h
+        _letter(detail_draw, "R" if rng.random() < 0.5 else "L", x, y, h,
+                max(2.0, 0.17 * h), int(rng.integers(150, 216)))
+        if rng.random() < 0.3:
+            pad = 0.25 * h
+            detail_draw.rectangle([x - pad, y - pad, x + 0.62 * h + pad, y + h + pad],
+                                  outline=int(rng.integers(150, 230)),
+                                  width=max(1, int(0.06 * h)))
+
+    image = full
+    # Collimation: the unexposed border is light grey.
+    if rng.random() < 0.3:
+        edge = int(rng.integers(0, 4))
+        k = int(rng.uniform(0.04, 0.12) * (width if edge < 2 else height))
+        level = rng.uniform(0.45, 0.7)
+        if edge == 0:
+            image[:, :k] = level
+        elif edge == 1:
+            image[:, width - k:] = level
+        elif edge == 2:
+            image[:k, :] = level
+        else:
+            image[height - k:, :] = level
+
+    # Exposure, contrast and gamma of the anatomy, which stays below 0.88 of full scale.
+    gain = rng.uniform(0.85, 1.15)
+    bias = rng.uniform(-0.04, 0.06)
+    gamma = rng.uniform(0.75, 1.3)
+    sigma = rng.uniform(0.004, 0.02)
+    image *= gain
+    image += bias
+    np.clip(image, 0.0, 1.0, out=image)
+    levels = (image * 1023.0 + 0.5).astype(np.uint16)
+    curve = (np.linspace(0.0, 1.0, 1024) ** gamma * (0.88 * 255.0)).astype(np.float32)
+    image = curve[levels]
+    # Metal is radio-opaque: it saturates whatever the exposure. Markers are burned in.
+    metal = rng.uniform(0.96, 1.0)
+    np.maximum(image, np.asarray(detail, dtype=np.float32) * metal, out=image)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * (sigma * 255.0)
+    pixels = np.clip(image, 0, 255).astype(np.uint8)
+    if rgb:
+        tint = rng.uniform(0.92, 1.0, 3).astype(np.float32)
+        return Image.fromarray((pixels[:, :, None] * tint).astype(np.uint8))
+    return Image.fromarray(pixels)
+
+
+def _bbox(c, r):
+    return [c[0] - r, c[1] - r, c[0] + r, c[1] + r]
+
+
+# ------------------------------------------------------------------------------------------
+# Dataset layout.
+
+
+def _plan(num_studies: int, seed: int, valid_fraction: float):
+    """[(split, study_type, patient_id, study_number, label, num_views)] for all studies."""
+    rng = np.random.default_rng([seed, 0])
+    n_valid = int(round(num_studies * valid_fraction))
+    if valid_fraction > 0 and num_studies >= 4:
+        n_valid = min(max(n_valid, 2), num_studies - 2)
+    n_train = num_studies - n_valid
+    plan = []
+    patient = 0
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        if n == 0:
+            continue
+        n_abnormal = int(round(n * _ABNORMAL_FRACTION))
+        if n >= 2:
+            n_abnormal = min(max(n_abnormal, 1), n - 1)
+        labels = np.zeros(n, dtype=np.int64)
+        labels[:n_abnormal] = 1
+        labels = rng.permutation(labels)
+        # Every study type appears (when n >= 7), the rest follow MURA's mix.
+        types = np.concatenate([
+            np.arange(len(STUDY_TYPES)),
+            rng.choice(len(STUDY_TYPES), size=n, p=_TYPE_WEIGHTS / _TYPE_WEIGHTS.sum()),
+        ])
+        types = rng.permutation(types[:n]) if n >= len(STUDY_TYPES) else types[
+            len(STUDY_TYPES):]
+        views = rng.choice(4, size=n, p=_VIEWS_P) + 1
+        i = 0
+        while i < n:
+            patient += 1
+            per_patient = int(rng.choice([1, 2, 3], p=[0.7, 0.25, 0.05]))
+            counters: dict[int, int] = {}
+            for _ in range(min(per_patient, n - i)):
+                t = int(types[i])
+                counters[t] = counters.get(t, 0) + 1
+                plan.append((split, STUDY_TYPES[t], patient, counters[t], int(labels[i]),
+                             int(views[i])))
+                i += 1
+    return plan
+
+
+def _write(mura: pathlib.Path, plan, seed: int):
+    rows = {"train": ([], []), "valid": ([], [])}
+    for number, (split, study_type, patient, k, label, n_views) in enumerate(plan):
+        rng = np.random.default_rng([seed, 1, number])
+        folder = f"{split}/{study_type}/patient{patient:05d}/study{k}_" + (
+            "positive" if label else "negative")
+        (mura / folder).mkdir(parents=True, exist_ok=True)
+        lesion = None
+        if label:
+            lesion = str(rng.choice(["plate", "screws", "fracture", "fracture+plate"],
+                                    p=[0.35, 0.2, 0.3, 0.15]))
+        shows = rng.random(n_views) < 0.9 if label else np.zeros(n_views, dtype=bool)
+        if label:
+            shows[int(rng.integers(n_views))] = True
+        image_rows, study_rows = rows[split]
+        for v in range(n_views):
+            image = _render_view(rng, study_type, lesion if shows[v] else None,
+                                 rgb=bool(rng.random() < _RGB_FRACTION))
+            name = f"image{v + 1}.png"
+            image.save(mura / folder / name, format="PNG", compress_level=1)
+            image_rows.append(f"MURA-v1.1/{folder}/{name}")
+        study_rows.append(f"MURA-v1.1/{folder}/,{label}")
+    for split, (image_rows, study_rows) in rows.items():
+        (mura / f"{split}_image_paths.csv").write_text("".join(r + "\n" for r in image_rows))
+        (mura / f"{split}_labeled_studies.csv").write_text(
+            "".join(r + "\n" for r in study_rows))
+
+
+def generate(out_dir, num_studies: int = 400, seed: int = 0,
+             valid_fraction: float = 0.2) -> pathlib.Path:
+    """Writes synthetic MURA to ``out_dir/MURA-v1.1`` and returns that folder.
+
+    If the folder already holds a synthetic set made with the same arguments, it is reused.
+    """
+    if isinstance(num_studies, bool) or not isinstance(num_studies, (int, np.integer)) or (
+        num_studies < 2
+    ):
+        raise UserError(f"num_studies must be an integer >= 2, got {num_studies!r}")
+    if not 0.0 <= float(valid_fraction) < 1.0:
+        raise UserError(f"valid_fraction must be in [0, 1), got {valid_fraction!r}")
+    num_studies, seed, valid_fraction = int(num_studies), int(seed), float(valid_fraction)
+    if seed < 0:
+        raise UserError(f"seed must be >= 0, got {seed}")
+    out = pathlib.Path(os.path.expanduser(str(out_dir))).absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder. Choose another --out folder.")
+    mura = out / "MURA-v1.1"
+    params = {"version": _VERSION, "num_studies": num_studies, "seed": seed,
+              "valid_fraction": valid_fraction}
+    if mura.exists():
+        try:
+            existing = json.loads((mura / _MARKER).read_text())
+        except (OSError, ValueError):
+            existing = None
+        if existing == params:
+            return mura
+        raise UserError(
+            f"{mura}: already exists and is not a synthetic set made with {params}. Remove it "
+            "or choose another output folder."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".MURA-v1.1.tmp-", dir=out))
+    try:
+        _write(tmp, _plan(num_studies, seed, valid_fraction), seed)
+        (tmp / _MARKER).write_text(json.dumps(params, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, mura)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return mura
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m murajax.synthetic",
+        description="Write a synthetic MURA-v1.1 dataset (same layout as the real one).",
+    )
+    parser.add_argument("--out", required=True, help="folder to write MURA-v1.1/ into")
+    parser.add_argument("--studies", type=int, default=400, help="number of studies")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--valid_fraction", type=float, default=0.2)
+    args = parser.parse_args(argv)
+    try:
+        mura = generate(args.out, num_studies=args.studies, seed=args.seed,
+                        valid_fraction=args.valid_fraction)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(mura)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Small builders shared by the tests: a tiny state and random MURA-shaped batches."""
+
+import jax
+import numpy as np
+
+from configs import smoke
+from murajax import optim, train_state
+
+IMAGE_SIZE = 32
+
+
+def tiny_config(**overrides):
+    config = smoke.get_config()
+    config.data.image_size = IMAGE_SIZE
+    for dotted, value in overrides.items():
+        section = config
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            section = section[parent]
+        section[leaf] = value
+    return config
+
+
+def loss_weights():
+    rng = np.random.default_rng(1)
+    w1 = rng.uniform(0.3, 0.7, size=7)
+    return np.stack([1.0 - w1, w1], axis=1).astype(np.float32)  # [type, label]
+
+
+def tiny_state(config=None, bn_axis_name=None, seed=0):
+    config = config or tiny_config()
+    model = train_state.create_model(config, bn_axis_name=bn_axis_name)
+    tx = optim.create_optimizer(config.optim)
+    return train_state.create_train_state(
+        jax.random.key(seed), model, tx, config.data.image_size, loss_weights()
+    )
+
+
+def random_batch(batch_size, seed=0, image_size=IMAGE_SIZE, masked=()):
+    rng = np.random.default_rng(seed)
+    mask = np.ones(batch_size, np.float32)
+    mask[list(masked)] = 0.0
+    return {
+        "image": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
+        "label": rng.integers(0, 2, batch_size).astype(np.int32),
+        "study_type": rng.integers(0, 7, batch_size).astype(np.int32),
+        "mask": mask,
+        "index": np.arange(batch_size, dtype=np.int32),
+    }

@@ -1,0 +1,151 @@
+"""DenseNet architecture: sizes, shapes, BatchNorm state, remat, mixed precision, input checks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from murajax import models
+
+KEY = jax.random.key(0)
+
+# (variant, channels of the final feature maps); every variant downsamples by 32.
+FEATURES = [
+    ("densenet121", 1024),
+    ("densenet161", 2208),
+    ("densenet169", 1664),
+    ("densenet201", 1920),
+    ("densenet_tiny", 32),
+]
+
+
+def _count(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def _tiny_batch(batch=2, size=32):
+    return np.random.default_rng(1).normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def _random_variables(model, images, seed=0):
+    """Variables with He-normal kernels and random BN state, drawn with NumPy.
+
+    ``model.init`` compiles a threefry program per weight shape (tens of seconds on two shared
+    cores); the shapes come from ``jax.eval_shape`` instead and the values from NumPy.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(model.init, KEY, images)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = math.prod(leaf.shape[:-1])
+            value = rng.normal(0.0, math.sqrt(2.0 / fan_in), leaf.shape)
+        elif name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        else:  # bias, mean
+            value = rng.normal(0.0, 0.1, leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def test_densenet169_parameter_count():
+    model = models.densenet169(num_outputs=1)
+    variables = jax.eval_shape(model.init, KEY, jnp.zeros((1, 224, 224, 3)))
+    assert _count(variables["params"]) == 12_486_145
+    # Keras DenseNet169(include_top=False) has 12,642,880 weights; ours adds a 1664+1 head.
+    assert _count(variables) == 12_642_880 + 1665
+
+
+@pytest.mark.parametrize("variant, channels", FEATURES)
+def test_output_and_feature_shapes_at_224(variant, channels):
+    model = models.create_model(variant, num_outputs=3)
+    (logits, features), variables = jax.eval_shape(
+        lambda k, x: model.init_with_output(k, x, return_features=True),
+        KEY, jnp.zeros((2, 224, 224, 3)),
+    )
+    assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+    assert features.shape == (2, 7, 7, channels)
+    assert variables["params"]["head"]["kernel"].shape == (channels, 3)
+
+
+def test_densenet169_real_forward_pass_is_finite():
+    model = models.densenet169(num_outputs=1)
+    images = _tiny_batch(batch=1)
+    logits = jax.jit(model.apply)(_random_variables(model, images), images)
+    assert logits.shape == (1, 1) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_batch_stats_change_only_in_training():
+    model = models.densenet_tiny()
+    images = _tiny_batch()
+    variables = _random_variables(model, images)
+
+    def run(train):  # eager: the tiny model's ops are quicker to run than to compile as a whole
+        return model.apply(variables, images, train=train, mutable=["batch_stats"])
+
+    _, frozen = run(False)
+    for old, new in zip(jax.tree.leaves(variables["batch_stats"]),
+                        jax.tree.leaves(frozen["batch_stats"])):
+        np.testing.assert_array_equal(old, new)
+
+    _, updated = run(True)
+    changed = [
+        not np.allclose(old, new)
+        for old, new in zip(jax.tree.leaves(variables["batch_stats"]),
+                            jax.tree.leaves(updated["batch_stats"]))
+    ]
+    assert all(changed)
+    # Evaluation never needs a mutable collection.
+    logits = model.apply(variables, images)
+    assert logits.shape == (2, 1)
+
+
+def test_remat_matches_plain():
+    images = _tiny_batch()
+    plain, remat = models.densenet_tiny(), models.densenet_tiny(remat=True)
+    shapes_plain = jax.eval_shape(plain.init, KEY, images)
+    shapes_remat = jax.eval_shape(remat.init, KEY, images)
+    assert jax.tree.structure(shapes_plain) == jax.tree.structure(shapes_remat)
+    assert jax.tree.leaves(shapes_plain) == jax.tree.leaves(shapes_remat)
+    v_plain = _random_variables(plain, images)
+
+    def loss_and_grad(model):
+        def loss(params, batch_stats):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats}, images, train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(jnp.square(logits)), (logits, updates)
+
+        return jax.value_and_grad(loss, has_aux=True)(
+            v_plain["params"], v_plain["batch_stats"]
+        )
+
+    (loss_a, (logits_a, stats_a)), grads_a = loss_and_grad(plain)
+    (loss_b, (logits_b, stats_b)), grads_b = loss_and_grad(remat)
+    np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    # Recomputation reorders float sums: compare each leaf relative to its largest entry.
+    for a, b in zip(jax.tree.leaves((grads_a, stats_a)), jax.tree.leaves((grads_b, stats_b))):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)) + 1e-7
+
+
+def test_bfloat16_compute_returns_float32_logits():
+    model = models.densenet_tiny(dtype=jnp.bfloat16, num_outputs=2)
+    (logits, features), variables = jax.eval_shape(
+        lambda k, x: model.init_with_output(k, x, return_features=True), KEY, _tiny_batch()
+    )
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 2)
+    assert features.dtype == jnp.bfloat16
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+
+
+def test_three_dimensional_input_is_rejected():
+    with pytest.raises(ValueError, match="NHWC"):
+        models.densenet_tiny().init(KEY, jnp.zeros((32, 32, 3)))

@@ -1,0 +1,108 @@
+"""The training loop: exact resume, checkpoints kept, logging, and the demo actually learning."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from murajax import checkpoints, synthetic, train
+from murajax.errors import UserError
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def mura_root(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("data"), num_studies=40, seed=3)
+
+
+def _config(root, **overrides):
+    config = helpers.tiny_config(**{
+        "data.root": str(root), "data.synthetic_studies": 0, "batch_size": 8,
+        "eval_batch_size": 16, "num_epochs": 2, "checkpoint_every_steps": 4,
+        "log_every_steps": 2, "keep_best": 1, **overrides})
+    return config
+
+
+def _assert_same_tree(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mura_root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    return workdir, train.train_and_evaluate(_config(mura_root), workdir)
+
+
+def test_resumed_run_ends_with_bit_identical_params(mura_root, uninterrupted, tmp_path):
+    _, full = uninterrupted
+    steps_per_epoch = full["history"][0]["step"]
+    # Stop mid-epoch 0, at a step that is no checkpoint_every_steps multiple, then again in
+    # epoch 1, then finish.
+    first = train.train_and_evaluate(_config(mura_root, stop_after_steps=3), tmp_path)
+    assert first["preempted"] and first["step"] == 3
+    second = train.train_and_evaluate(
+        _config(mura_root, stop_after_steps=steps_per_epoch), tmp_path)
+    assert second["preempted"] and second["step"] == 3 + steps_per_epoch
+    final = train.train_and_evaluate(_config(mura_root), tmp_path)
+    assert not final["preempted"]
+    _assert_same_tree(final["params"], full["params"])
+    _assert_same_tree(final["batch_stats"], full["batch_stats"])
+    assert final["val_loss"] == full["val_loss"]
+    # metrics.jsonl reads as one run: same train losses at the same steps.
+    def losses(workdir):
+        records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["split"], r["loss"]) for r in records]
+    assert losses(tmp_path) == losses(uninterrupted[0])
+
+
+def test_run_that_already_finished_does_nothing_more(mura_root, uninterrupted):
+    workdir, full = uninterrupted
+    again = train.train_and_evaluate(_config(mura_root), workdir)
+    _assert_same_tree(again["params"], full["params"])
+
+
+def test_keeps_latest_and_best_checkpoints_with_their_validation_loss(uninterrupted):
+    workdir, full = uninterrupted
+    steps = checkpoints.Checkpointer(workdir, read_only=True).all_steps()
+    history = full["history"]
+    best = min(history, key=lambda r: r["val_loss"])["step"]
+    # keep_best=1: the best epoch-end checkpoint and the newest; mid-epoch ones are gone.
+    assert set(steps) == {best, history[-1]["step"]}
+    assert checkpoints.best_steps(workdir, 5) == [best]
+
+
+def test_metrics_jsonl_has_train_and_validation_records(uninterrupted):
+    workdir, _ = uninterrupted
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    valid_records = [r for r in records if r["split"] == "valid"]
+    assert len(valid_records) == 2
+    for key in ("step", "epoch", "loss", "learning_rate", "images_per_second"):
+        assert all(key in r for r in train_records)
+    for key in ("loss", "auroc", "kappa", "learning_rate"):
+        assert all(np.isfinite(r[key]) for r in valid_records)
+    assert (workdir / "tensorboard").is_dir()
+    assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "densenet_tiny"
+
+
+def test_workdir_of_another_model_is_refused(mura_root, uninterrupted):
+    workdir, _ = uninterrupted
+    config = _config(mura_root)
+    config.model.name = "densenet121"
+    with pytest.raises(UserError, match="model.name='densenet_tiny'"):
+        train.train_and_evaluate(config, workdir)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_saves_nothing(mura_root, tmp_path):
+    config = _config(mura_root, **{"optim.learning_rate": 1e30, "checkpoint_every_steps": 1})
+    with pytest.raises(train.NonFiniteLossError, match="was not saved"):
+        train.train_and_evaluate(config, tmp_path)
+    # Whatever was saved before the divergence holds finite numbers only.
+    checkpointer = checkpoints.Checkpointer(tmp_path, read_only=True)
+    for step in checkpointer.all_steps():
+        params = checkpointer.restore_variables(step)["params"]
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
