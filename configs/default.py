@@ -69,4 +69,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.threshold = 0.5
     config.eval.bootstrap_samples = 10000
     config.eval.readers = ""  # CSV of per-study reader labels for the reader comparison
+    config.eval.reader_gold = ""  # comma-separated readers whose majority is the gold standard
     return config

@@ -73,7 +73,16 @@ class Checkpointer:
             create=not read_only,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "loader", "progress")
+            self.directory,
+            options=options,
+            item_handlers={
+                # Readers restore parts of the state (params, batch_stats), which needs the
+                # PyTree handler; it reads what the Standard handler writes.
+                "state": ocp.PyTreeCheckpointHandler() if read_only
+                else ocp.StandardCheckpointHandler(),
+                "loader": ocp.JsonCheckpointHandler(),
+                "progress": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def all_steps(self) -> list[int]:
@@ -125,9 +134,27 @@ class Checkpointer:
         ).progress
 
     def restore_variables(self, step: int) -> dict:
-        """Params and BatchNorm statistics of one checkpoint, without rebuilding the optimizer."""
+        """Params and BatchNorm statistics of one checkpoint, on this process's first device.
+
+        Works whatever topology saved the checkpoint (a pod's checkpoint on a workstation): the
+        target layout comes from the checkpoint's metadata, not from how it was saved.
+        """
+        metadata = self.manager.item_metadata(int(step))["state"]
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        wanted = {key: metadata[key] for key in ("params", "batch_stats")}
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), wanted
+        )
         raw = self.manager.restore(
-            int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=jax.tree.map(
+                        lambda _: ocp.ArrayRestoreArgs(sharding=device), target),
+                    partial_restore=True,
+                )
+            ),
         ).state
         return {"params": raw["params"], "batch_stats": raw["batch_stats"]}
 

@@ -892,3 +892,83 @@ __all__ = [
     "study_type_name",
     "write_outputs",
 ]
+
+
+# ---- evaluating a trained run (launch.py --mode=evaluate) ---------------------------------------
+
+
+def evaluation_config(flag_config, workdir: str | os.PathLike):
+    """The run's saved config, with the ``eval`` section (and a non-empty ``data.root``) taken
+    from the command line, so ``--config.eval.split=train`` and the like apply."""
+    from murajax import checkpoints
+
+    config = checkpoints.load_run_config(workdir)
+    config.eval = flag_config.eval
+    if flag_config.data.root:
+        config.data.root = flag_config.data.root
+    return config
+
+
+def predict_split(predictor, index, data_config, batch_size: int) -> np.ndarray:
+    """Per-member probabilities ``[members, images]`` for every image of ``index``."""
+    import jax
+
+    from murajax.data import pipeline
+
+    probabilities = np.full((len(predictor.variables), len(index.images)), np.nan, np.float32)
+    for batch in pipeline.eval_loader(index, data_config, global_batch_size=batch_size):
+        logits, _ = predictor.predict_logits(batch["image"])
+        real = batch["index"] >= 0
+        probabilities[:, batch["index"][real]] = np.asarray(jax.nn.sigmoid(logits))[:, real]
+    return probabilities
+
+
+def evaluate_workdir(flag_config, workdir: str | os.PathLike, readers: str = "") -> str:
+    """Scores a run's best checkpoint (or top-k ensemble) on ``config.eval.split`` and writes
+    ``<workdir>/eval/<split>/``: report.json, report.md, predictions.csv, roc.png,
+    calibration.png. Returns that folder."""
+    from absl import logging
+
+    from murajax import inference
+    from murajax.data import mura
+
+    config = evaluation_config(flag_config, workdir)
+    top_k = int(config.eval.ensemble_top_k)
+    if top_k < 1:
+        raise UserError(f"config.eval.ensemble_top_k must be >= 1, got {top_k}")
+    predictor = inference.Predictor.from_workdir(workdir, top_k=top_k,
+                                                 batch_size=int(config.eval_batch_size))
+    from murajax import checkpoints
+
+    steps = checkpoints.best_steps(workdir, top_k)
+    index = mura.index_from_config(config.data, config.eval.split)
+    logging.info("evaluating checkpoints %s on %s: %d images in %d studies", steps,
+                 config.eval.split, len(index.images), len(index.studies))
+    members = predict_split(predictor, index, config.data, int(config.eval_batch_size))
+    probabilities = ensemble_probabilities(list(members))
+    studies = aggregate_studies(
+        [r.study for r in index.images], probabilities,
+        np.array([r.label for r in index.images]), np.array([r.study_type for r in index.images]),
+    )
+    comparison = None
+    readers = readers or config.eval.readers
+    if readers:
+        reader_studies, names, labels = read_reader_labels(readers)
+        rows = align_to_readers(studies, reader_studies)
+        gold = [g.strip() for g in str(config.eval.reader_gold).split(",") if g.strip()]
+        comparison = compare_with_readers(
+            studies.probability[rows], labels, reader_names=names,
+            threshold=float(config.eval.threshold), num_samples=int(config.eval.bootstrap_samples),
+            seed=int(config.seed), gold_subset=gold or None, study_types=studies.study_type[rows],
+        )
+    report = build_report(
+        studies, float(config.eval.threshold), num_samples=int(config.eval.bootstrap_samples),
+        seed=int(config.seed), checkpoints=[f"step {s}" for s in steps],
+        reader_comparison=comparison,
+    )
+    out_dir = os.path.join(str(workdir), "eval", str(config.eval.split))
+    write_outputs(out_dir, report, studies)
+    aggregate = report["aggregate"]
+    logging.info("%s: study AUROC %.4f, kappa %.4f over %d studies -> %s", config.eval.split,
+                 aggregate["auroc"]["value"], aggregate["kappa"]["value"], len(studies), out_dir)
+    return out_dir

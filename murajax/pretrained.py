@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import h5py
 import jax.numpy as jnp

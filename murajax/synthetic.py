@@ -7,21 +7,30 @@ writes ``DIR/MURA-v1.1/`` with ``{train,valid}_image_paths.csv``,
 ``{train,valid}/XR_<TYPE>/patient<NNNNN>/study<K>_{positive,negative}/image<V>.png``.
 
 Each view is a stylised radiograph: dark background, soft tissue, bones shaped by study type
-(two forearm bones, phalanges, a humeral head, ...), the limb rotated and shifted at random.
-Abnormal studies show orthopaedic hardware (a bright metal plate with screws, or a cluster of
-screws) and/or a dark fracture line across a bone, at a random place along it; their size is
-chosen to stay visible at 64x64. Normal studies never contain them. Distractors in both classes:
-burned-in laterality letters 'R'/'L' (bright, though less than metal), collimation borders, varying exposure,
-contrast, gamma and noise. Most PNGs are 8-bit grayscale, some RGB; longest side up to 512, some
-as narrow as ~90 px. Patients do not overlap between train and valid. The bytes are a function of
-the arguments only.
+(two forearm bones, phalanges, carpals, a humeral head, ...), the limb rotated and shifted at
+random. Abnormal studies show orthopaedic hardware (a saturated metal plate with screws, or a
+cluster of screws) and/or a healing fracture (a dense fusiform callus crossed by a thick dark
+line) at a random place along a bone, sized to stay visible at 64x64; about 10% of an abnormal
+study's views (never all) do not show it, as in real studies. Normal studies never contain
+either. Distractors in both classes: burned-in laterality letters 'R'/'L' (bright, boxed or
+not, in any corner), collimation borders, joints (natural gaps across bones), varying exposure,
+contrast, gamma and noise. Most PNGs are 8-bit grayscale, about 12% RGB; longest side 320-512,
+some as narrow as ~90 px. Patients do not overlap between train and valid; every study type
+appears in train once there are at least 7 train studies; each split holds both labels.
+The bytes are a function of (num_studies, seed, valid_fraction) only.
+
+A tiny DenseNet (``densenet_tiny``) trained at 64x64 (batch 32, Adam 3e-3) on the default 400
+studies reaches a study-level validation AUROC above 0.9 within a few epochs (about a minute
+of CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing as mp
 import os
 import pathlib
 import shutil
@@ -255,9 +264,29 @@ def _render_view(rng: np.random.Generator, study_type: str, lesion: str | None,
     if lesion in ("fracture", "fracture+plate"):
         canvas += np.asarray(extra, dtype=np.float32) * (rng.uniform(0.1, 0.15) / 255.0)
     canvas -= np.asarray(marrow, dtype=np.float32) * (rng.uniform(0.08, 0.15) / 255.0)
-    full = np.array(
-        Image.fromarray(canvas).resize((width, height), Image.BILINEAR), dtype=np.float32
-    )
+
+    # Collimation: the unexposed border is light grey.
+    if rng.random() < 0.3:
+        edge = int(rng.integers(0, 4))
+        k = int(rng.uniform(0.04, 0.12) * (hw if edge < 2 else hh))
+        level = rng.uniform(0.45, 0.7)
+        if edge == 0:
+            canvas[:, :k] = level
+        elif edge == 1:
+            canvas[:, hw - k:] = level
+        elif edge == 2:
+            canvas[:k, :] = level
+        else:
+            canvas[hh - k:, :] = level
+
+    # Exposure, contrast and gamma of the anatomy, which stays below 0.88 of full scale; then
+    # up to full size (the anatomy is smooth, so this costs nothing visible and saves time).
+    canvas *= rng.uniform(0.85, 1.15)
+    canvas += rng.uniform(-0.04, 0.06)
+    np.clip(canvas, 0.0, 1.0, out=canvas)
+    curve = (np.linspace(0.0, 1.0, 1024) ** rng.uniform(0.75, 1.3) * (0.88 * 255.0) + 0.5)
+    anatomy = curve.astype(np.uint8)[(canvas * 1023.0 + 0.5).astype(np.uint16)]
+    anatomy = Image.fromarray(anatomy).resize((width, height), Image.BILINEAR)
 
     # Sharp details at full resolution.
     detail, detail_draw = _mask((width, height))
@@ -274,11 +303,12 @@ def _render_view(rng: np.random.Generator, study_type: str, lesion: str | None,
         bone_normal = np.asarray([-bone_axis[1], bone_axis[0]])
         side = rng.choice([-1.0, 1.0])
         full_short = min(width, height)
+        metal = int(rng.integers(245, 256))
         plate_w = rng.uniform(0.08, 0.11) * full_short
         c = fpoint(mt, ms) + bone_normal * side * (w * scale / 2)
         if lesion != "screws":
             plate_len = rng.uniform(0.3, 0.45) * max(width, height)
-            _quad(detail_draw, c, bone_axis, bone_normal, plate_len / 2, plate_w / 2)
+            _quad(detail_draw, c, bone_axis, bone_normal, plate_len / 2, plate_w / 2, fill=metal)
             n_screws = int(rng.integers(3, 6))
             offsets = np.linspace(-0.4, 0.4, n_screws) * plate_len
         else:
@@ -288,8 +318,8 @@ def _render_view(rng: np.random.Generator, study_type: str, lesion: str | None,
         for o in offsets:
             p = c + bone_axis * o
             tip = p - bone_normal * side * screw_len
-            _capsule(detail_draw, p, tip, 0.45 * plate_w)
-            detail_draw.ellipse(_bbox(p, 0.55 * plate_w), fill=255)
+            _capsule(detail_draw, p, tip, 0.45 * plate_w, fill=metal)
+            detail_draw.ellipse(_bbox(p, 0.55 * plate_w), fill=metal)
 
     # Distractor: a burned-in laterality marker in a corner, nearly as bright as metal.
     if rng.random() < 0.85:
@@ -305,36 +335,10 @@ def _render_view(rng: np.random.Generator, study_type: str, lesion: str | None,
                                   outline=int(rng.integers(150, 230)),
                                   width=max(1, int(0.06 * h)))
 
-    image = full
-    # Collimation: the unexposed border is light grey.
-    if rng.random() < 0.3:
-        edge = int(rng.integers(0, 4))
-        k = int(rng.uniform(0.04, 0.12) * (width if edge < 2 else height))
-        level = rng.uniform(0.45, 0.7)
-        if edge == 0:
-            image[:, :k] = level
-        elif edge == 1:
-            image[:, width - k:] = level
-        elif edge == 2:
-            image[:k, :] = level
-        else:
-            image[height - k:, :] = level
-
-    # Exposure, contrast and gamma of the anatomy, which stays below 0.88 of full scale.
-    gain = rng.uniform(0.85, 1.15)
-    bias = rng.uniform(-0.04, 0.06)
-    gamma = rng.uniform(0.75, 1.3)
-    sigma = rng.uniform(0.004, 0.02)
-    image *= gain
-    image += bias
-    np.clip(image, 0.0, 1.0, out=image)
-    levels = (image * 1023.0 + 0.5).astype(np.uint16)
-    curve = (np.linspace(0.0, 1.0, 1024) ** gamma * (0.88 * 255.0)).astype(np.float32)
-    image = curve[levels]
     # Metal is radio-opaque: it saturates whatever the exposure. Markers are burned in.
-    metal = rng.uniform(0.96, 1.0)
-    np.maximum(image, np.asarray(detail, dtype=np.float32) * metal, out=image)
-    image += rng.standard_normal(image.shape, dtype=np.float32) * (sigma * 255.0)
+    image = np.maximum(np.asarray(anatomy), np.asarray(detail)).astype(np.float32)
+    sigma = rng.uniform(0.004, 0.02) * 255.0
+    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(sigma)
     pixels = np.clip(image, 0, 255).astype(np.uint8)
     if rgb:
         tint = rng.uniform(0.92, 1.0, 3).astype(np.float32)
@@ -390,13 +394,18 @@ def _plan(num_studies: int, seed: int, valid_fraction: float):
     return plan
 
 
-def _write(mura: pathlib.Path, plan, seed: int):
-    rows = {"train": ([], []), "valid": ([], [])}
-    for number, (split, study_type, patient, k, label, n_views) in enumerate(plan):
+def _folder(split, study_type, patient, k, label) -> str:
+    return f"{split}/{study_type}/patient{patient:05d}/study{k}_" + (
+        "positive" if label else "negative")
+
+
+def _write_studies(mura: str, seed: int, items) -> None:
+    """Renders and writes the views of the given (number, plan row) studies."""
+    mura = pathlib.Path(mura)
+    for number, (split, study_type, patient, k, label, n_views) in items:
         rng = np.random.default_rng([seed, 1, number])
-        folder = f"{split}/{study_type}/patient{patient:05d}/study{k}_" + (
-            "positive" if label else "negative")
-        (mura / folder).mkdir(parents=True, exist_ok=True)
+        folder = mura / _folder(split, study_type, patient, k, label)
+        folder.mkdir(parents=True, exist_ok=True)
         lesion = None
         if label:
             lesion = str(rng.choice(["plate", "screws", "fracture", "fracture+plate"],
@@ -404,13 +413,32 @@ def _write(mura: pathlib.Path, plan, seed: int):
         shows = rng.random(n_views) < 0.9 if label else np.zeros(n_views, dtype=bool)
         if label:
             shows[int(rng.integers(n_views))] = True
-        image_rows, study_rows = rows[split]
         for v in range(n_views):
             image = _render_view(rng, study_type, lesion if shows[v] else None,
                                  rgb=bool(rng.random() < _RGB_FRACTION))
-            name = f"image{v + 1}.png"
-            image.save(mura / folder / name, format="PNG", compress_level=1)
-            image_rows.append(f"MURA-v1.1/{folder}/{name}")
+            image.save(folder / f"image{v + 1}.png", format="PNG", compress_level=1)
+
+
+def _write(mura: pathlib.Path, plan, seed: int, num_workers: int) -> None:
+    items = list(enumerate(plan))
+    if num_workers <= 1 or len(items) < 32:
+        _write_studies(str(mura), seed, items)
+    else:
+        # Each study has its own random stream: the bytes do not depend on the workers. Spawn
+        # (not fork) once JAX is loaded, as forking a multithreaded JAX process is unsafe.
+        method = "fork" if "jax" not in sys.modules and "fork" in mp.get_all_start_methods() \
+            else "spawn"
+        chunks = [items[i::num_workers * 4] for i in range(num_workers * 4)]
+        with concurrent.futures.ProcessPoolExecutor(
+            num_workers, mp_context=mp.get_context(method)
+        ) as pool:
+            for future in [pool.submit(_write_studies, str(mura), seed, c) for c in chunks]:
+                future.result()
+    rows = {"train": ([], []), "valid": ([], [])}
+    for split, study_type, patient, k, label, n_views in plan:
+        folder = _folder(split, study_type, patient, k, label)
+        image_rows, study_rows = rows[split]
+        image_rows += [f"MURA-v1.1/{folder}/image{v + 1}.png" for v in range(n_views)]
         study_rows.append(f"MURA-v1.1/{folder}/,{label}")
     for split, (image_rows, study_rows) in rows.items():
         (mura / f"{split}_image_paths.csv").write_text("".join(r + "\n" for r in image_rows))
@@ -418,9 +446,12 @@ def _write(mura: pathlib.Path, plan, seed: int):
             "".join(r + "\n" for r in study_rows))
 
 
-def generate(out_dir, num_studies: int = 400, seed: int = 0,
-             valid_fraction: float = 0.2) -> pathlib.Path:
+def generate(out_dir, num_studies: int = 400, seed: int = 0, valid_fraction: float = 0.2,
+             num_workers: int | None = None) -> pathlib.Path:
     """Writes synthetic MURA to ``out_dir/MURA-v1.1`` and returns that folder.
+
+    ``num_workers`` processes render the images (default: one per CPU, at most 8); the output
+    is the same for any number.
 
     If the folder already holds a synthetic set made with the same arguments, it is reused.
     """
@@ -453,7 +484,9 @@ def generate(out_dir, num_studies: int = 400, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".MURA-v1.1.tmp-", dir=out))
     try:
-        _write(tmp, _plan(num_studies, seed, valid_fraction), seed)
+        if num_workers is None:
+            num_workers = min(8, os.cpu_count() or 1)
+        _write(tmp, _plan(num_studies, seed, valid_fraction), seed, int(num_workers))
         (tmp / _MARKER).write_text(json.dumps(params, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)
         os.replace(tmp, mura)
@@ -472,10 +505,12 @@ def main(argv=None) -> int:
     parser.add_argument("--studies", type=int, default=400, help="number of studies")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--valid_fraction", type=float, default=0.2)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes rendering images (default: one per CPU, at most 8)")
     args = parser.parse_args(argv)
     try:
         mura = generate(args.out, num_studies=args.studies, seed=args.seed,
-                        valid_fraction=args.valid_fraction)
+                        valid_fraction=args.valid_fraction, num_workers=args.workers)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

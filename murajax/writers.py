@@ -118,12 +118,13 @@ def _duration(seconds: float) -> str:
 
 
 class _QuietLibraries:
-    """A logging filter that hides orbax's and grain's INFO chatter (warnings still pass)."""
+    """A logging filter for orbax's and grain's chatter: their INFO and WARNING lines describe
+    internals (thread names, read-only managers), so only their errors pass."""
 
     _NOISY = ("/orbax/", "/grain/", "/etils/")
 
     def filter(self, record) -> bool:
-        return record.levelno >= 30 or not any(p in record.pathname for p in self._NOISY)
+        return record.levelno >= 40 or not any(p in record.pathname for p in self._NOISY)
 
 
 def quiet_library_logs() -> None:

@@ -172,6 +172,7 @@ def test_restored_iterator_continues_exactly(index):
         np.testing.assert_array_equal(got["image"], full["image"][2:])
 
 
+@pytest.mark.slow  # spawns a Grain worker process (a few seconds)
 def test_restore_with_worker_processes(index):
     config = data_config(num_workers=1, prefetch=1, image_size=8)
     reference = _all(pipeline.train_loader(index, data_config(image_size=8),

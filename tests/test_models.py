@@ -122,7 +122,7 @@ def test_remat_matches_plain():
             )
             return jnp.mean(jnp.square(logits)), (logits, updates)
 
-        return jax.value_and_grad(loss, has_aux=True)(
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(
             v_plain["params"], v_plain["batch_stats"]
         )
 
@@ -130,10 +130,12 @@ def test_remat_matches_plain():
     (loss_b, (logits_b, stats_b)), grads_b = loss_and_grad(remat)
     np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
-    # Recomputation reorders float sums: compare each leaf relative to its largest entry.
+    # Recomputation reorders float32 sums and training-mode BatchNorm gradients cancel, so leaves
+    # differ by up to ~1e-4 of their largest entry (in float64 they agree to 1e-12); a wrong
+    # recomputation would differ at order 1.
     for a, b in zip(jax.tree.leaves((grads_a, stats_a)), jax.tree.leaves((grads_b, stats_b))):
         a, b = np.asarray(a), np.asarray(b)
-        assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)) + 1e-7
+        assert np.max(np.abs(a - b)) <= 1e-3 * np.max(np.abs(b)) + 1e-8
 
 
 def test_bfloat16_compute_returns_float32_logits():

@@ -106,3 +106,46 @@ def test_non_finite_loss_stops_with_a_clear_error_and_saves_nothing(mura_root, t
     for step in checkpointer.all_steps():
         params = checkpointer.restore_variables(step)["params"]
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_evaluate_mode_report_agrees_with_sklearn_on_its_predictions(mura_root, uninterrupted):
+    import csv
+
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    from murajax import evaluate
+
+    workdir, _ = uninterrupted
+    flags_config = _config(mura_root, **{"eval.bootstrap_samples": 200,
+                                         "eval.ensemble_top_k": 2})
+    out = evaluate.evaluate_workdir(flags_config, workdir)
+    for name in ("report.json", "report.md", "predictions.csv", "roc.png", "calibration.png"):
+        assert (workdir / "eval" / "valid" / name).is_file(), name
+    report = json.loads((workdir / "eval" / "valid" / "report.json").read_text())
+    with open(f"{out}/predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([float(r["probability"]) for r in rows])
+    assert report["aggregate"]["auroc"]["value"] == pytest.approx(roc_auc_score(labels, probs),
+                                                                  abs=1e-6)
+    assert report["aggregate"]["kappa"]["value"] == pytest.approx(
+        cohen_kappa_score(labels, (probs > 0.5).astype(int)), abs=1e-6)
+    assert len(report["checkpoints"]) == 2
+
+
+def test_predictor_probabilities_equal_eval_step(mura_root, uninterrupted):
+    from murajax import inference, steps
+    from murajax.data import mura, pipeline
+
+    workdir, _ = uninterrupted
+    config = _config(mura_root)
+    step = checkpoints.best_steps(workdir, 1)[0]
+    variables = checkpoints.restore_variables(workdir, step)
+    state = helpers.tiny_state(config).replace(**variables)
+    index = mura.index_from_config(config.data, "valid")
+    batch = next(iter(pipeline.eval_loader(index, config.data, global_batch_size=16)))
+    _, expected = jax.jit(steps.eval_step)(state, batch)
+
+    predictor = inference.Predictor.from_workdir(workdir, top_k=1, batch_size=16)
+    logits, _ = predictor.predict_logits(batch["image"])
+    np.testing.assert_allclose(jax.nn.sigmoid(logits[0]), expected, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ import math
 import os
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 from murajax.errors import UserError
 
@@ -29,9 +29,6 @@ _SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
 _OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
 
 RESIZE_MODES = ("stretch", "pad")
-
-# Never decode half an image silently.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _FIX = (
     "Remove it from the CSV (or the folder), replace it with a readable image, or set "

@@ -3,7 +3,7 @@
 MURA-v1.1 layout (see docs / MURA.md)::
 
     MURA-v1.1/
-      train_image_paths.csv      # "MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/image1.png"
+      train_image_paths.csv      # MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/image1.png
       train_labeled_studies.csv  # "MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/,1"
       valid_image_paths.csv
       valid_labeled_studies.csv
@@ -164,9 +164,10 @@ def index_from_records(records: Sequence[ImageRecord], skipped=None) -> MuraInde
 
 
 def parse_study_types(study_types, field: str = "config.data.study_types") -> tuple[int, ...]:
-    """Study type names (a comma-separated string or a sequence) -> sorted STUDY_TYPES indices.
+    """Study types (a comma-separated string, or a sequence of names or STUDY_TYPES indices) ->
+    sorted STUDY_TYPES indices.
 
-    Accepts "XR_WRIST", "wrist", "xr_wrist". Empty: all types (returns ()).
+    Accepts "XR_WRIST", "wrist", "xr_wrist", 6. Empty: all types (returns ()).
     """
     if study_types is None:
         return ()
@@ -176,6 +177,14 @@ def parse_study_types(study_types, field: str = "config.data.study_types") -> tu
         names = [str(s).strip() for s in study_types]
     names = [n for n in names if n]
     out = set()
+    if not isinstance(study_types, str):
+        for value in study_types:
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                if not 0 <= value < NUM_STUDY_TYPES:
+                    raise UserError(f"{field}: study type index {value} is not in 0..6 "
+                                    f"({', '.join(STUDY_TYPES)}).")
+                out.add(int(value))
+        names = [n for n, v in zip(names, study_types) if not isinstance(v, (int, np.integer))]
     for name in names:
         key = name.upper()
         if not key.startswith("XR_"):

@@ -30,7 +30,6 @@ uninterrupted one (with or without workers, even with a different number of proc
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator
 
 import grain

@@ -1,0 +1,463 @@
+"""Performance benchmark of the real training and evaluation steps, and of the input pipeline.
+
+    python -m murajax.bench [--model densenet169] [--batch-size 8] [--image-size 224]
+        [--dtype float32|bfloat16] [--remat] [--parallelism jit|pmap] [--steps 10] [--warmup 2]
+        [--no-eval] [--pipeline/--no-pipeline] [--compilation-cache DIR] [--json FILE]
+
+What it measures, in one process:
+
+* the train step (``murajax.parallel`` strategy's ``train_step``, i.e. ``steps.train_step``
+  jitted with the state donated) and the eval step: the time to trace+lower and, separately,
+  to XLA-compile them (``.lower(...).compile()``), then the median wall time per step over
+  ``--steps`` steps after ``--warmup`` steps, as images/s;
+* XLA's own FLOP count of each compiled step (``compiled.cost_analysis()['flops']``), the
+  FLOP/s it achieves, and that against the FLOP/s of a large float32 matmul measured in the same
+  run (``mfu``: a machine-utilisation figure relative to what this process can get from a
+  matmul here, not a vendor's peak);
+* memory: the process's peak RSS (``ru_maxrss``, includes compilation), the peak RSS while
+  the steps run (Linux: the high-water mark is reset after compilation), XLA's buffer
+  assignment for the train step (``compiled.memory_analysis()``) and, on GPU/TPU, the device's
+  ``memory_stats()['peak_bytes_in_use']``;
+* the training input pipeline (``murajax.data.pipeline.train_loader``, in-process decoding)
+  over a small synthetic MURA set written to a temporary folder.
+
+The state has the structure of ``train_state.create_train_state``'s (checked), with He-normal
+kernels drawn by NumPy: running the initialiser would compile a second DenseNet program, which
+costs a minute on a small CPU and tells nothing about training speed (``--real-init`` runs it).
+Images are random normal; the step's cost does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import default as default_config
+from murajax import models, optim, parallel, train_state
+from murajax.errors import UserError
+
+NUM_STUDY_TYPES = 7
+
+
+# ------------------------------------------------------------------------------------------
+# Building the state and the batch.
+
+
+def make_config(model: str, image_size: int, batch_size: int, dtype: str, remat: bool,
+                parallelism: str):
+    config = default_config.get_config()
+    config.model.name = model
+    config.model.dtype = dtype
+    config.model.remat = remat
+    config.data.image_size = image_size
+    config.batch_size = batch_size
+    config.eval_batch_size = batch_size
+    config.parallelism = parallelism
+    return config
+
+
+def create_strategy(parallelism: str):
+    if parallelism == "jit":
+        return parallel.JitStrategy()
+    if parallelism == "pmap":
+        return parallel.PmapStrategy()
+    raise UserError(f"--parallelism must be 'jit' or 'pmap', got {parallelism!r}")
+
+
+def _loss_weights() -> np.ndarray:
+    w1 = np.linspace(0.3, 0.7, NUM_STUDY_TYPES)
+    return np.stack([1.0 - w1, w1], axis=1).astype(np.float32)
+
+
+def init_state(config, strategy, *, real_init: bool = False, seed: int = 0):
+    """A TrainState with ``create_train_state``'s structure, placed for ``strategy``."""
+    model = train_state.create_model(config, bn_axis_name=strategy.bn_axis_name)
+    tx = optim.create_optimizer(config.optim)
+    init_fn = functools.partial(
+        train_state.create_train_state, jax.random.key(seed), model, tx,
+        config.data.image_size, _loss_weights(),
+    )
+    if real_init:
+        return strategy.init_state(init_fn)
+    abstract = jax.eval_shape(init_fn)
+    rng = np.random.default_rng(seed)
+
+    def param(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = math.prod(leaf.shape[:-1])
+            value = rng.normal(0.0, math.sqrt(2.0 / fan_in), leaf.shape)
+        elif name == "scale":
+            value = np.ones(leaf.shape)
+        else:
+            value = np.zeros(leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    def stat(path, leaf):
+        return jnp.asarray(np.ones(leaf.shape) if path[-1].key == "var" else np.zeros(leaf.shape),
+                           leaf.dtype)
+
+    params = jax.tree_util.tree_map_with_path(param, abstract.params)
+    state = train_state.TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        opt_state=jax.jit(tx.init)(params),
+        batch_stats=jax.tree_util.tree_map_with_path(stat, abstract.batch_stats),
+        rng=jax.random.key(seed + 1),
+        plateau=optim.init_plateau(),
+        loss_weights=jnp.asarray(_loss_weights()),
+    )
+    got, want = jax.eval_shape(lambda: state), abstract
+    if jax.tree.structure(got) != jax.tree.structure(want) or any(
+        (a.shape, a.dtype) != (b.shape, b.dtype)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    ):
+        raise AssertionError("bench state differs from create_train_state's")
+    return strategy.place_state(state)
+
+
+def random_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
+        "label": rng.integers(0, 2, batch_size).astype(np.int32),
+        "study_type": rng.integers(0, NUM_STUDY_TYPES, batch_size).astype(np.int32),
+        "mask": np.ones(batch_size, np.float32),
+        "index": np.arange(batch_size, dtype=np.int32),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Measuring.
+
+
+def compile_timed(jitted, *args):
+    """(compiled, trace+lower seconds, XLA compile seconds)."""
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    return compiled, lowered_at - start, done - lowered_at
+
+
+def step_flops(compiled) -> float | None:
+    """XLA's FLOP count of one execution of ``compiled`` (all devices), or None."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+        return None
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per device program
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def memory_analysis_mb(compiled) -> dict[str, float]:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # pylint: disable=broad-except
+        return {}
+    if m is None:
+        return {}
+    mb = 1024.0 ** 2
+    return {
+        "xla_temp_mb": m.temp_size_in_bytes / mb,
+        "xla_argument_mb": m.argument_size_in_bytes / mb,
+        "xla_output_mb": m.output_size_in_bytes / mb,
+    }
+
+
+def median_step_seconds(step_fn, steps: int, warmup: int) -> list[float]:
+    """Wall seconds of each of ``steps`` calls of ``step_fn`` (blocking), after ``warmup``."""
+    for _ in range(warmup):
+        jax.block_until_ready(step_fn())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(step_fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak_gflops(n: int | None = None, repeats: int = 8) -> float:
+    """Best FLOP/s of an n x n float32 matmul (n=2048 on CPU, 8192 elsewhere), in GFLOP/s."""
+    if n is None:
+        n = 2048 if jax.default_backend() == "cpu" else 8192
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+    b = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+    matmul = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
+    jax.block_until_ready(matmul(a, b))
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def _reset_peak_rss() -> bool:
+    """Resets this process's RSS high-water mark (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 / (1024.0 if sys.platform == "darwin" else 1.0)  # macOS reports bytes
+
+
+def device_peak_mb() -> float | None:
+    if jax.default_backend() == "cpu":
+        return None
+    peaks = []
+    for device in jax.local_devices():
+        stats = device.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    return max(peaks) / 1024.0 ** 2 if peaks else None
+
+
+def pipeline_images_per_s(image_size: int, batch_size: int, *, studies: int = 40,
+                          batches: int = 6, workdir: str | None = None) -> dict[str, float]:
+    """Training input pipeline throughput (in-process decoding) over synthetic MURA."""
+    import ml_collections
+
+    from murajax import synthetic
+    from murajax.data import mura, pipeline
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        root = synthetic.generate(tmp, num_studies=studies, seed=0)
+        index = mura.read_split(root, "train")
+        data_config = ml_collections.ConfigDict({
+            "image_size": image_size, "resize": "stretch", "hflip": True,
+            "rotation_degrees": 30.0, "on_bad_image": "error", "num_workers": 0, "prefetch": 0,
+        })
+        available = pipeline.steps_per_epoch(len(index.images), batch_size)
+        if available < 2:
+            raise UserError(f"pipeline benchmark: {len(index.images)} synthetic images give "
+                            f"fewer than 2 batches of {batch_size}; raise --pipeline-studies")
+        batches = min(batches, available)
+        loader = pipeline.train_loader(index, data_config, global_batch_size=batch_size, seed=0,
+                                       epoch=0)
+        next(loader)  # iterator start-up is not throughput
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(batches - 1):
+            next(loader)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        loader.close()
+    images = (batches - 1) * batch_size
+    return {"pipeline_images_per_s": images / wall,
+            "pipeline_images_per_cpu_s": images / cpu if cpu > 0 else None,
+            "pipeline_batches": batches - 1}
+
+
+# ------------------------------------------------------------------------------------------
+# The benchmark.
+
+
+def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
+        dtype: str = "float32", remat: bool = False, parallelism: str = "jit", steps: int = 10,
+        warmup: int = 2, eval_steps: bool = True, pipeline: bool = True,
+        pipeline_studies: int = 40, pipeline_batches: int = 6, real_init: bool = False,
+        matmul_n: int | None = None, log=print) -> dict[str, Any]:
+    """Runs the benchmark; returns the flat dict ``--json`` writes."""
+    if steps < 1 or warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    parallel.check_batch_size(batch_size, "--batch-size")
+    result: dict[str, Any] = {
+        "model": model, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
+        "remat": remat, "parallelism": parallelism, "steps": steps, "warmup": warmup,
+        "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__, "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compilation_cache": jax.config.jax_compilation_cache_dir or "",
+        "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    config = make_config(model, image_size, batch_size, dtype, remat, parallelism)
+    strategy = create_strategy(parallelism)
+
+    log(f"building {model} state ({'real' if real_init else 'fast'} init)")
+    state = init_state(config, strategy, real_init=real_init)
+    batch = strategy.shard_batch(random_batch(batch_size, image_size))
+
+    log("compiling the train step")
+    train, lower_s, xla_s = compile_timed(strategy.train_step, state, batch)
+    result.update(train_lower_s=lower_s, train_xla_compile_s=xla_s, compile_s=lower_s + xla_s)
+    result.update(memory_analysis_mb(train))
+    train_flops = step_flops(train)
+    log(f"  {lower_s:.1f} s trace+lower, {xla_s:.1f} s XLA compile")
+
+    holder = {"state": state}
+
+    def train_once():
+        holder["state"], metrics = train(holder["state"], batch)
+        return metrics
+
+    rss_reset = _reset_peak_rss()
+    log(f"timing {steps} train steps after {warmup} warm-up")
+    times = median_step_seconds(train_once, steps, warmup)
+    step_s = statistics.median(times)
+    result.update(
+        train_step_s=step_s, train_step_s_min=min(times), train_step_s_max=max(times),
+        train_images_per_s=batch_size / step_s,
+        step_peak_rss_mb=_vm_hwm_mb() if rss_reset else None,
+    )
+    if train_flops is not None:
+        result.update(flops_per_image=train_flops / batch_size,
+                      achieved_gflops=train_flops / step_s / 1e9)
+
+    if eval_steps:
+        log("compiling the eval step")
+        state = holder["state"]
+        evaluate, lower_s, xla_s = compile_timed(strategy.eval_step, state, batch)
+        result.update(eval_compile_s=lower_s + xla_s)
+        eval_flops = step_flops(evaluate)
+        times = median_step_seconds(lambda: evaluate(state, batch), steps, warmup)
+        eval_s = statistics.median(times)
+        result.update(eval_step_s=eval_s, eval_images_per_s=batch_size / eval_s)
+        if eval_flops is not None:
+            result.update(eval_flops_per_image=eval_flops / batch_size,
+                          eval_achieved_gflops=eval_flops / eval_s / 1e9)
+
+    result["device_peak_mb"] = device_peak_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
+
+    log("measuring float32 matmul peak")
+    result["matmul_peak_gflops"] = matmul_peak_gflops(matmul_n)
+    for prefix in ("", "eval_"):
+        if result.get(f"{prefix}achieved_gflops") is not None:
+            result[f"{prefix}mfu"] = (result[f"{prefix}achieved_gflops"]
+                                      / result["matmul_peak_gflops"])
+    if pipeline:
+        log("measuring the input pipeline")
+        result.update(pipeline_images_per_s(image_size, batch_size, studies=pipeline_studies,
+                                            batches=pipeline_batches))
+    result["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return result
+
+
+_ROWS = [
+    ("train images/s", "train_images_per_s", "{:.2f}"),
+    ("train step (median s)", "train_step_s", "{:.3f}"),
+    ("eval images/s", "eval_images_per_s", "{:.2f}"),
+    ("train compile s (lower + XLA)", "compile_s", "{:.1f}"),
+    ("eval compile s", "eval_compile_s", "{:.1f}"),
+    ("train GFLOP / image (XLA)", "flops_per_image", "{:.1f}", 1e-9),
+    ("train achieved GFLOP/s", "achieved_gflops", "{:.1f}"),
+    ("f32 matmul peak GFLOP/s", "matmul_peak_gflops", "{:.1f}"),
+    ("train MFU (vs matmul peak)", "mfu", "{:.1%}"),
+    ("eval achieved GFLOP/s", "eval_achieved_gflops", "{:.1f}"),
+    ("peak RSS MB (process)", "peak_rss_mb", "{:.0f}"),
+    ("peak RSS MB (during steps)", "step_peak_rss_mb", "{:.0f}"),
+    ("XLA temp buffers MB (train)", "xla_temp_mb", "{:.0f}"),
+    ("device peak MB", "device_peak_mb", "{:.0f}"),
+    ("pipeline images/s", "pipeline_images_per_s", "{:.1f}"),
+    ("load average (start/end)", None, None),
+]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    head = (f"{result['model']} batch {result['batch_size']} {result['image_size']}px "
+            f"{result['dtype']}{' remat' if result['remat'] else ''} {result['parallelism']} on "
+            f"{result['device_count']} x {result['device']} ({result['backend']})")
+    lines = [head, "-" * len(head)]
+    for row in _ROWS:
+        label, key, fmt = row[:3]
+        if key is None:
+            value = f"{result.get('load_average_start') or 0:.1f} / " \
+                    f"{result.get('load_average_end') or 0:.1f}"
+        else:
+            raw = result.get(key)
+            if raw is None:
+                continue
+            value = fmt.format(raw * (row[3] if len(row) > 3 else 1))
+        lines.append(f"{label:<32}{value:>12}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m murajax.bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="densenet169", choices=sorted(models.VARIANTS))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--parallelism", default="jit", choices=["jit", "pmap"])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-eval", dest="eval_steps", action="store_false",
+                        help="skip the eval step (saves its compile)")
+    parser.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the input pipeline")
+    parser.add_argument("--pipeline-studies", type=int, default=40)
+    parser.add_argument("--real-init", action="store_true",
+                        help="initialise with model.init (compiles it) instead of NumPy draws")
+    parser.add_argument("--compilation-cache", default="",
+                        help="JAX persistent compilation cache folder (as launch.py sets)")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        result = run(
+            model=args.model, batch_size=args.batch_size, image_size=args.image_size,
+            dtype=args.dtype, remat=args.remat, parallelism=args.parallelism, steps=args.steps,
+            warmup=args.warmup, eval_steps=args.eval_steps, pipeline=args.pipeline,
+            pipeline_studies=args.pipeline_studies, real_init=args.real_init,
+            log=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result), flush=True)
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
