@@ -16,13 +16,19 @@ sits beside them in ``<workdir>/config.json`` so a workdir can be evaluated or s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
@@ -33,6 +39,35 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 # Config fields that decide the shape of the state: resuming with others cannot work.
 _ARCHITECTURE_FIELDS = ("model.name",)
+UNREADABLE_DIR = "checkpoints-unreadable"  # where unreadable checkpoints are moved on fallback
+_DIGEST = "state_sha256"  # progress key: digest of the saved state, checked on restore
+# Failures of the storage, not of the program: reported as CheckpointWriteError.
+_STORAGE_ERRORS = re.compile(
+    r"No space left|Disk quota|Read-only file system|Permission denied|Input/output error",
+    re.IGNORECASE)
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, permissions, I/O error)."""
+
+
+class CorruptCheckpointError(UserError):
+    """A checkpoint's restored state does not match the digest written with it."""
+
+
+def state_digest(state) -> str:
+    """SHA-256 over the state's leaves (path, dtype, shape, bytes): detects silent corruption."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+    values = jax.device_get([
+        jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        for _, x in leaves
+    ])
+    digest = hashlib.sha256()
+    for (path, _), value in zip(leaves, values):
+        value = np.ascontiguousarray(value)
+        digest.update(f"{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass
@@ -56,11 +91,16 @@ class LatestAndBest(preservation.PreservationPolicy):
         return [i in keep for i in range(len(checkpoints))]
 
 
+def _val_loss(metrics) -> float:
+    return float((metrics or {}).get("val_loss", float("inf")))
+
+
 class Checkpointer:
     """Saves and restores a run's (state, loader state, progress) triples."""
 
     def __init__(self, workdir: str | Path, keep_best: int = 5, *, read_only: bool = False):
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        self.read_only = read_only
         if read_only and not self.directory.is_dir():
             raise UserError(
                 f"no checkpoints in {self.directory}: train first "
@@ -71,6 +111,13 @@ class Checkpointer:
             enable_async_checkpointing=not read_only,
             read_only=read_only,
             create=not read_only,
+            # Saves cut short by a crash leave <step>.orbax-checkpoint-tmp folders: remove them.
+            cleanup_tmp_directories=not read_only,
+            # With a best_fn orbax writes each checkpoint's metrics to disk, so LatestAndBest
+            # still knows the validation losses after a restart (without, it sees none and
+            # deletes every epoch-end checkpoint but the newest at the next save).
+            best_fn=_val_loss,
+            best_mode="min",
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -84,6 +131,7 @@ class Checkpointer:
                 "progress": ocp.JsonCheckpointHandler(),
             },
         )
+        self._pending: int | None = None  # the step whose save runs in the background
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -92,20 +140,51 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, loader_state: dict, progress: dict, val_loss=None) -> None:
-        """Starts an asynchronous save; the state must already be checked finite."""
-        metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                loader=ocp.args.JsonSave(loader_state),
-                progress=ocp.args.JsonSave(progress),
-            ),
-            metrics=metrics,
-            force=True,
-        )
+        """Starts an asynchronous save; the state must already be checked finite.
+
+        A failure to write (this save's, or the previous one's, which surfaces here) raises
+        ``CheckpointWriteError``; the checkpoints written before it are left as they were.
+        """
+        self.wait()  # the previous save's errors belong to the previous step
+        metrics = {} if val_loss is None else {"val_loss": float(val_loss)}  # {}: unscored
+        progress = {**progress, _DIGEST: state_digest(state)}
+        with self._reporting_write_errors(int(step)):
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    loader=ocp.args.JsonSave(loader_state),
+                    progress=ocp.args.JsonSave(progress),
+                ),
+                metrics=metrics,
+                force=True,
+            )
+        self._pending = int(step)
+
+    @contextlib.contextmanager
+    def _reporting_write_errors(self, step: int | None):
+        """Storage failures (OSError: disk full, permissions, I/O) -> CheckpointWriteError."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - filtered below
+            if not (isinstance(error, OSError) or _STORAGE_ERRORS.search(str(error))):
+                raise
+            folder = self.directory / str(step) if step is not None else self.directory
+            # From the disk: the manager may already have dropped steps due for deletion.
+            good = sorted(int(p.name) for p in self.directory.iterdir()
+                          if p.name.isdigit() and int(p.name) != step)
+            raise CheckpointWriteError(
+                f"could not write checkpoint {folder}: {type(error).__name__}: {error}. "
+                "The checkpoints written before it are intact "
+                f"({'steps ' + ', '.join(map(str, good)) if good else 'none yet'}). Free disk "
+                "space or fix the folder's permissions, then rerun the same command to resume."
+            ) from error
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
+        """State, loader state and progress of ``step``; CorruptCheckpointError if the state
+        differs from what was saved (checkpoints from before digests were kept are trusted)."""
         restored = self.manager.restore(
             int(step),
             args=ocp.args.Composite(
@@ -114,19 +193,52 @@ class Checkpointer:
                 progress=ocp.args.JsonRestore(),
             ),
         )
-        return restored.state, restored.loader, restored.progress
+        progress = dict(restored.progress)
+        expected = progress.pop(_DIGEST, None)
+        if expected is not None and state_digest(restored.state) != expected:
+            raise CorruptCheckpointError(
+                f"checkpoint {self.directory / str(step)}: the restored state does not match "
+                "the digest saved with it (the files were damaged after writing)"
+            )
+        return restored.state, restored.loader, progress
 
     def restore_latest_good(self, abstract_state) -> tuple[int, Any, dict, dict] | None:
-        """The newest checkpoint that restores; broken ones are skipped with a warning naming them."""
+        """The newest checkpoint that restores; broken ones are skipped with a warning naming them.
+
+        Broken checkpoints newer than the one restored are moved to
+        ``<workdir>/checkpoints-unreadable`` (so the run can save those steps again), unless the
+        manager is read-only.
+        """
+        unreadable = []
         for step in reversed(self.all_steps()):
             try:
-                return (step, *self.restore(step, abstract_state))
+                restored = (step, *self.restore(step, abstract_state))
             except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
                 logging.warning(
                     "checkpoint %s is unreadable (%s: %s); falling back to the previous one",
                     self.directory / str(step), type(e).__name__, e,
                 )
+                unreadable.append(step)
+                continue
+            if unreadable and not self.read_only:
+                self._set_aside(unreadable)
+            return restored
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            target = self.directory.parent / UNREADABLE_DIR
+            target.mkdir(exist_ok=True)
+            for step in steps:
+                destination = target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.move(str(self.directory / str(step)), str(destination))
+                logging.warning("moved unreadable checkpoint %s to %s",
+                                self.directory / str(step), destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+        self.manager.reload()
 
     def restore_progress(self, step: int) -> dict:
         return self.manager.restore(
@@ -159,7 +271,10 @@ class Checkpointer:
         return {"params": raw["params"], "batch_stats": raw["batch_stats"]}
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the background save; CheckpointWriteError if it failed."""
+        step, self._pending = self._pending, None
+        with self._reporting_write_errors(step):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()

@@ -918,7 +918,7 @@ def predict_split(predictor, index, data_config, batch_size: int) -> np.ndarray:
     probabilities = np.full((len(predictor.variables), len(index.images)), np.nan, np.float32)
     for batch in pipeline.eval_loader(index, data_config, global_batch_size=batch_size):
         logits, _ = predictor.predict_logits(batch["image"])
-        real = batch["index"] >= 0
+        real = batch["mask"] > 0  # not padding, not an image skipped as unreadable
         probabilities[:, batch["index"][real]] = np.asarray(jax.nn.sigmoid(logits))[:, real]
     return probabilities
 
@@ -946,9 +946,11 @@ def evaluate_workdir(flag_config, workdir: str | os.PathLike, readers: str = "")
                  config.eval.split, len(index.images), len(index.studies))
     members = predict_split(predictor, index, config.data, int(config.eval_batch_size))
     probabilities = ensemble_probabilities(list(members))
+    scored = np.isfinite(probabilities)  # images skipped as unreadable have no probability
+    records = [r for r, keep in zip(index.images, scored) if keep]
     studies = aggregate_studies(
-        [r.study for r in index.images], probabilities,
-        np.array([r.label for r in index.images]), np.array([r.study_type for r in index.images]),
+        [r.study for r in records], probabilities[scored], np.array([r.label for r in records]),
+        np.array([r.study_type for r in records]),
     )
     comparison = None
     readers = readers or config.eval.readers

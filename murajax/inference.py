@@ -35,15 +35,9 @@ from absl import logging
 from PIL import Image
 
 from murajax.data.dicom import DICOM_SUFFIXES, is_dicom, read_dicom
+from murajax.data.mura import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
+from murajax.data.mura import STUDY_TYPES
 from murajax.errors import UserError
-
-try:  # the data module's constants, when present; the same values otherwise
-    from murajax.data.mura import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
-    from murajax.data.mura import STUDY_TYPES
-except ImportError:  # pragma: no cover
-    STUDY_TYPES = ("XR_ELBOW", "XR_FINGER", "XR_FOREARM", "XR_HAND", "XR_HUMERUS",
-                   "XR_SHOULDER", "XR_WRIST")
-    _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 IMAGE_SUFFIXES = tuple(_IMAGE_EXTENSIONS) + DICOM_SUFFIXES
 PREDICTION_COLUMNS = ("study", "image", "study_type", "view_probability", "study_probability",

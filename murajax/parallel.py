@@ -31,9 +31,10 @@ PMAP_AXIS = "batch"
 
 
 def _eval_with_positions(state, batch, axis_name=None):
-    """eval_step, plus the batch's image positions so hosts can place every probability."""
+    """eval_step, plus each example's image position (-1 for padding and skipped images) so
+    every host can place every probability."""
     metrics, probabilities = steps.eval_step(state, batch, axis_name)
-    return metrics, probabilities, batch["index"]
+    return metrics, probabilities, jax.numpy.where(batch["mask"] > 0, batch["index"], -1)
 
 
 def check_batch_size(global_batch_size: int, field: str = "config.batch_size") -> None:

@@ -40,17 +40,9 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from murajax.data.mura import STUDY_TYPES
 from murajax.errors import UserError
 
-STUDY_TYPES = (
-    "XR_ELBOW",
-    "XR_FINGER",
-    "XR_FOREARM",
-    "XR_HAND",
-    "XR_HUMERUS",
-    "XR_SHOULDER",
-    "XR_WRIST",
-)
 # Train studies per type in MURA-v1.1: the type mix of the synthetic set.
 _TYPE_WEIGHTS = np.asarray([1754, 1935, 877, 2018, 592, 2821, 3460], dtype=np.float64)
 _ABNORMAL_FRACTION = 0.4

@@ -104,10 +104,11 @@ def evaluate_split(strategy, state, index: mura.MuraIndex, config) -> dict:
     if collection is None:
         raise UserError(f"the {config.eval.split} split has no images to evaluate")
     result = {k: float(v) for k, v in collection.compute().items()}
-    labels = np.array([r.label for r in index.images])
+    scored = np.isfinite(probabilities)  # images skipped as unreadable have no probability
+    records = [r for r, keep in zip(index.images, scored) if keep]
     studies = evaluate.aggregate_studies(
-        [r.study for r in index.images], probabilities, labels,
-        np.array([r.study_type for r in index.images]),
+        [r.study for r in records], probabilities[scored], np.array([r.label for r in records]),
+        np.array([r.study_type for r in records]),
     )
     study_metrics = evaluate.binary_metrics(studies.label, studies.probability,
                                             config.eval.threshold)
@@ -177,14 +178,6 @@ def _window_from_json(saved: dict | None):
     })
 
 
-def _initial_state(config, strategy, model, tx, loss_weights):
-    init_fn = functools.partial(
-        train_state.create_train_state, jax.random.key(config.seed), model, tx,
-        config.data.image_size, loss_weights,
-    )
-    return init_fn, strategy.init_state(init_fn)
-
-
 def _load_pretrained(config, strategy, state):
     from murajax import pretrained
 
@@ -197,6 +190,34 @@ def _load_pretrained(config, strategy, state):
     return strategy.place_state(
         host.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     )
+
+
+def _restore_or_start(config, workdir: Path, strategy, checkpointer, model, tx, loss_weights):
+    """The state to train from, the loader position in its epoch, and the run's bookkeeping:
+    from the newest readable checkpoint, else fresh (with ImageNet weights if configured)."""
+    state = strategy.init_state(functools.partial(
+        train_state.create_train_state, jax.random.key(config.seed), model, tx,
+        config.data.image_size, loss_weights,
+    ))
+    if checkpointer.all_steps():
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            strategy.host_state(state),
+        )
+        restored = checkpointer.restore_latest_good(abstract)
+        if restored is None:
+            raise UserError(f"no checkpoint in {checkpointer.directory} could be read (see the "
+                            "warnings above); if they belong to another model, use another "
+                            "--workdir, else move that folder away to start afresh")
+        step, host_state, loader_state, progress = restored
+        writers.truncate_metrics(workdir, step)
+        logging.info("resumed from step %d (epoch %d)", step, progress["epoch"])
+        return strategy.place_state(host_state), loader_state, progress
+    writers.truncate_metrics(workdir, 0)  # records of an attempt killed before its first save
+    if config.init_from:
+        state = _load_pretrained(config, strategy, state)
+    parameter_overview.log_parameter_overview(jax.device_get(strategy.host_state(state).params))
+    return state, {}, {"epoch": 0, "history": [], "val_loss": None}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -212,33 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     loss_weights = mura.class_weights(data.train)
     model = train_state.create_model(config, bn_axis_name=strategy.bn_axis_name)
     tx = optim.create_optimizer(config.optim)
-    init_fn, state = _initial_state(config, strategy, model, tx, loss_weights)
-
     checkpointer = checkpoints.Checkpointer(workdir, keep_best=config.keep_best)
-    restored = None
-    if checkpointer.all_steps():
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            strategy.host_state(state),
-        )
-        restored = checkpointer.restore_latest_good(abstract)
-        if restored is None:
-            raise UserError(
-                f"no checkpoint in {checkpointer.directory} could be read; move that folder "
-                "away to start afresh"
-            )
-    if restored is not None:
-        step, host_state, loader_state, progress = restored
-        state = strategy.place_state(host_state)
-        writers.truncate_metrics(workdir, step)
-        logging.info("resumed from step %d (epoch %d)", step, progress["epoch"])
-    else:
-        if config.init_from:
-            state = _load_pretrained(config, strategy, state)
-        loader_state, progress = {}, {"epoch": 0, "history": [], "val_loss": None}
-        parameter_overview.log_parameter_overview(
-            jax.device_get(strategy.host_state(state).params)
-        )
+    state, loader_state, progress = _restore_or_start(
+        config, workdir, strategy, checkpointer, model, tx, loss_weights)
 
     steps_per_epoch = pipeline.steps_per_epoch(len(data.train.images), config.batch_size)
     if steps_per_epoch == 0:
@@ -253,6 +250,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     last_saved = checkpointer.latest_step()
     summary = {"workdir": str(workdir), "checkpoints": str(checkpointer.directory),
                "metrics": str(workdir / writers.METRICS_FILE), "preempted": False}
+    if progress["history"]:  # a finished (or resumed) run reports its last validation
+        last = progress["history"][-1]
+        summary.update(step=last["step"], epoch=last["epoch"], val_loss=last["val_loss"],
+                       auroc=last["auroc"], kappa=last["kappa"],
+                       learning_rate=last["learning_rate"])
 
     try:
         with _StopRequest() as stop:
@@ -310,11 +312,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                           "auroc": val["auroc"], "kappa": val["kappa"], "learning_rate": rate}
                 progress = {"epoch": epoch, "history": progress["history"] + [record],
                             "val_loss": val["loss"]}
-                checkpointer.save(step, host, {}, progress, val_loss=val["loss"])
-                last_saved = step
+                # Log before saving: a crash in between then redoes (and relogs) the epoch end.
                 writer.write(step, "valid", epoch=epoch, loss=val["loss"],
                              accuracy=val["accuracy"], auroc=val["auroc"], kappa=val["kappa"],
                              learning_rate=rate)
+                checkpointer.save(step, host, {}, progress, val_loss=val["loss"])
+                last_saved = step
                 logging.info("epoch %d/%d: val loss %.4f  accuracy %.3f  study AUROC %.4f  "
                              "kappa %.4f  next lr %.2e", epoch, config.num_epochs, val["loss"],
                              val["accuracy"], val["auroc"], val["kappa"], rate)
@@ -325,9 +328,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     summary.update(preempted=True)
                     break
     finally:
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
+        try:
+            checkpointer.wait()  # raises CheckpointWriteError if the last save failed
+        finally:
+            checkpointer.close()
+            writer.close()
     summary["history"] = progress["history"]
     summary["params"] = jax.device_get(strategy.host_state(state).params)
     summary["batch_stats"] = jax.device_get(strategy.host_state(state).batch_stats)

@@ -56,10 +56,19 @@ def random_batch(batch_size, seed=0, image_size=IMAGE_SIZE, masked=()):
 LAYOUT_TEST_EPS = 1e-4
 
 
-def assert_params_close(actual, expected, learning_rate):
-    """Params of two runs that differ only in float32 summation order: within 1% of one step."""
-    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=0.01 * learning_rate)
+def assert_params_close(actual, expected, learning_rate, num_steps):
+    """Params of two runs that differ only in float32 summation order.
+
+    At least 99.9% of the weights agree to 1% of a step per step; none is further apart than
+    the sign flips described above could make it (2 steps per step).
+    """
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(actual)])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(expected)])
+    assert a.shape == b.shape
+    difference = np.abs(a - b)
+    assert difference.max() <= 2 * learning_rate * num_steps, difference.max()
+    close = np.mean(difference <= 0.01 * learning_rate * num_steps)
+    assert close >= 0.999, f"only {close:.4%} of the weights agree to 1% of a step"
 
 
 def assert_batch_stats_close(actual, expected):
