@@ -12,14 +12,43 @@ Any config field can be overridden as --config.<field>=<value>; unknown fields a
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/smoke.py", "Config file (a get_config() module).", lock_config=True
-)
+
+def _unknown_config_field(error: Exception):
+    """ml_collections raises a bare AttributeError/KeyError for --config.<unknown>=...: say which
+    flag, without a traceback, and exit 2."""
+    text = str(error)
+    named = re.search(r'instead of "(\w+)"', text) or re.search(r"'(\w+)'", text)
+    leaf = named.group(1) if named else text
+    given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    flag = next((a for a in given if leaf in a[len("--config."):].split(".")), None)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    print(f"murajax: error: {flag or repr(leaf)}: no such config field"
+          + (f"; did you mean {hint.group(1)!r}?" if hint else "")
+          + " (the fields are those of the --config file; see configs/default.py)",
+          file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        _unknown_config_field(e)
+
+
+try:  # with the default --config, overrides are applied here, at definition
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", "configs/smoke.py", "Config file (a get_config() module).", lock_config=True
+    )
+except (AttributeError, KeyError) as e:
+    _unknown_config_field(e)
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, logs and reports go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"], "What to do.")
 _INPUT = flags.DEFINE_multi_string("input", [], "predict: image files, study folders or trees.")
@@ -98,4 +127,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

@@ -140,7 +140,7 @@ class ImageInput:
     """One image to predict: where it is, its study and what to call its outputs."""
 
     path: str  # as found: the user's input joined with the relative path
-    study: str  # the parent folder, relative to the input folder it was found under
+    study: str  # the image's folder relative to the inputs' common folder (unique per folder)
     study_type: str  # an XR_* component of the path, or ""
     name: str  # unique, file-system-safe stem for per-image outputs (CAM PNGs)
 
@@ -166,6 +166,11 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
 
 
+def _study_id(folder: Path, base: str) -> str:
+    relative = os.path.relpath(os.path.abspath(folder), base)
+    return Path(base).name if relative == "." else Path(relative).as_posix()
+
+
 def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[ImageInput]:
     """Every image named by ``inputs``: image files, study folders, trees of study folders.
 
@@ -182,14 +187,22 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     if not inputs:
         raise UserError("no input given: pass image files, study folders or a tree of studies")
 
+    for given in inputs:
+        if not os.path.exists(os.path.expanduser(given)):
+            raise UserError(f"{os.path.expanduser(given)}: no such file or folder")
+    # Study ids are folders relative to what the inputs have in common, so 'a/study1' and
+    # 'b/study1' stay two studies while a single tree gives 'XR_WRIST/patient1/study1'.
+    base = os.path.commonpath([
+        os.path.abspath(os.path.expanduser(g)) if os.path.isdir(os.path.expanduser(g))
+        else os.path.dirname(os.path.abspath(os.path.expanduser(g))) for g in inputs
+    ])
     found: list[tuple[str, str, str]] = []  # (path, study, relative name)
     for given in inputs:
         given = os.path.expanduser(given)
         if not os.path.exists(given):
             raise UserError(f"{given}: no such file or folder")
         if os.path.isfile(given):
-            parent = os.path.dirname(os.path.normpath(given))
-            study = Path(parent).as_posix() if parent else Path(os.getcwd()).name
+            study = _study_id(Path(os.path.abspath(given)).parent, base)
             found.append((given, study, f"{Path(os.path.abspath(given)).parent.name}/"
                                         f"{os.path.basename(given)}"))
             continue
@@ -198,8 +211,7 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         for folder, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=_natural_key)
             folder_path = Path(folder)
-            rel = folder_path.relative_to(root).as_posix()
-            study = root_name if rel == "." else rel
+            study = _study_id(folder_path, base)
             for name in sorted(filenames, key=_natural_key):
                 path = folder_path / name
                 if _is_image_name(name) or (

@@ -18,16 +18,53 @@ and BatchNorm statistics are combined with collectives over the axis ``batch``.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Callable
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from murajax import steps
 from murajax.errors import UserError
 
 PMAP_AXIS = "batch"
+# The coordination service's barrier, unlike a device collective, may wait this long.
+_BARRIER_TIMEOUT_MS = 30 * 60 * 1000
+
+
+def _wait_for_other_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax._src import distributed
+
+        distributed.global_state.client.wait_at_barrier(f"murajax: {name}", _BARRIER_TIMEOUT_MS)
+
+
+class CompiledOnFirstCall:
+    """A jitted or pmapped step, compiled ahead of its first call and then reused.
+
+    Compiling explicitly lets the compile time be logged, and on several processes lets every
+    process finish compiling before any of them runs the step: CPU collectives (gloo) give up
+    on a peer that is more than 30 s late, which a slow compile easily is. ``lower`` is the
+    wrapped function's, for callers that inspect the program (``murajax.bench``).
+    """
+
+    def __init__(self, step, name: str):
+        self._step = step
+        self._name = name
+        self._compiled = None
+
+    def lower(self, *args):
+        return self._step.lower(*args)
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            start = time.perf_counter()
+            self._compiled = self._step.lower(*args).compile()
+            logging.info("compiled %s in %.1f s", self._name, time.perf_counter() - start)
+            _wait_for_other_processes(f"{self._name} compiled")
+        return self._compiled(*args)
 
 
 def _eval_with_positions(state, batch, axis_name=None):
@@ -57,17 +94,17 @@ class JitStrategy:
         self.mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.train_step = jax.jit(
+        self.train_step = CompiledOnFirstCall(jax.jit(
             steps.train_step,
             in_shardings=(self.replicated, self.data_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=0,
-        )
-        self.eval_step = jax.jit(
+        ), "train step")
+        self.eval_step = CompiledOnFirstCall(jax.jit(
             _eval_with_positions,
             in_shardings=(self.replicated, self.data_sharding),
             out_shardings=self.replicated,
-        )
+        ), "eval step")
 
     def init_state(self, init_fn: Callable[[], steps.TrainState]) -> steps.TrainState:
         return jax.jit(init_fn, out_shardings=self.replicated)()
@@ -96,14 +133,14 @@ class PmapStrategy:
 
     def __init__(self):
         self.devices = jax.local_devices()
-        self.train_step = jax.pmap(
+        self.train_step = CompiledOnFirstCall(jax.pmap(
             functools.partial(steps.train_step, axis_name=PMAP_AXIS),
             axis_name=PMAP_AXIS,
             donate_argnums=0,
-        )
-        self.eval_step = jax.pmap(
+        ), "train step")
+        self.eval_step = CompiledOnFirstCall(jax.pmap(
             functools.partial(_eval_with_positions, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS
-        )
+        ), "eval step")
 
     def init_state(self, init_fn):
         return self.place_state(jax.jit(init_fn)())

@@ -31,6 +31,8 @@ from murajax import checkpoints, evaluate, optim, parallel, steps, train_state, 
 from murajax.data import mura, pipeline
 from murajax.errors import UserError
 
+MIN_IMAGE_SIZE = 32  # smaller inputs pool to nothing: the network outputs NaN
+
 
 class NonFiniteLossError(UserError):
     """Training diverged: the loss became NaN or infinite."""
@@ -225,6 +227,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints.check_compatible(workdir, config)
+    if config.data.image_size < MIN_IMAGE_SIZE:  # source images of any size are resized to it
+        raise UserError(
+            f"config.data.image_size={config.data.image_size} is too small: DenseNet halves the "
+            f"input five times and needs at least {MIN_IMAGE_SIZE} px (the paper uses 320)"
+        )
     strategy = parallel.create_strategy(config.parallelism, config.batch_size,
                                         config.eval_batch_size)
     data = prepare_data(config, workdir)

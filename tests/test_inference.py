@@ -373,3 +373,17 @@ def test_run_predict_on_a_saved_run_ensembles_its_best_checkpoints(tmp_path, tre
     np.testing.assert_allclose(
         [r.view_probability for r in both.rows],
         np.mean([_direct_probabilities(v, paths) for v in members], axis=0), atol=1e-6)
+
+
+def test_study_folders_with_the_same_name_stay_separate_studies(tmp_path):
+    from PIL import Image as PILImage
+
+    for patient in ("patient1", "patient2"):
+        folder = tmp_path / patient / "study1_positive"
+        folder.mkdir(parents=True)
+        PILImage.new("L", (40, 30), 128).save(folder / "image1.png")
+    images = inference.find_images([tmp_path / "patient1" / "study1_positive",
+                                    tmp_path / "patient2" / "study1_positive"])
+    assert sorted(i.study for i in images) == ["patient1/study1_positive",
+                                               "patient2/study1_positive"]
+    assert len({i.name for i in images}) == 2

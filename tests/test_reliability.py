@@ -151,12 +151,13 @@ def reference(mura_root, subprocess_env, tmp_path_factory):
 
 @dataclasses.dataclass
 class Kill:
-    """When to SIGKILL one attempt.
+    """When to interrupt one attempt.
 
-    kind: 'delay' (``delay`` seconds after the start, or at logged step ``step`` if earlier),
-    'step' (``delay`` seconds after step >= ``step`` is logged), 'tmpdir' (as soon as orbax's
-    temporary folder of a checkpoint >= ``step`` exists: mid-save), 'commit' (the child kills
-    itself inside the commit of a checkpoint >= ``step``, before the rename).
+    kind: 'delay' (SIGKILL ``delay`` seconds after the start, or at logged step ``step`` if
+    earlier), 'step' (SIGKILL ``delay`` seconds after step >= ``step`` is logged), 'tmpdir'
+    (SIGKILL as soon as orbax's temporary folder of a checkpoint >= ``step`` exists: mid-save),
+    'commit' (the child SIGKILLs itself inside the commit of a checkpoint >= ``step``, before the
+    rename), 'sigterm' (SIGTERM once step >= ``step`` is logged: the run saves and exits 0).
     """
 
     kind: str
@@ -166,19 +167,26 @@ class Kill:
 
 
 def _kill_plan(seed=8) -> list[Kill]:
+    """Ten SIGKILLs and one SIGTERM over the 18 steps, with seeded delays and steps."""
     rng = random.Random(seed)
     return [
         Kill("delay", 2, rng.uniform(1.0, 5.0)),  # start-up: imports, tracing, first steps
         Kill("step", rng.randint(2, 4), rng.uniform(0.0, 0.4), launch=True),
         Kill("tmpdir", 3),  # while checkpoint 3 or 6 is being written
-        Kill("step", rng.randint(5, 7), rng.uniform(0.0, 0.4)),
+        # Mid-epoch, with no periodic checkpoints: saves at the next step, exits 0.
+        Kill("sigterm", 4, launch=True),
         Kill("commit", 6),  # checkpoint 6 or 9 written, not yet renamed
         Kill("step", STEPS_PER_EPOCH, rng.uniform(0.0, 0.6)),  # validation / epoch-end save
         Kill("delay", 11, rng.uniform(2.0, 8.0)),  # restore, start of epoch 2
         Kill("step", rng.randint(12, 14), rng.uniform(0.0, 0.4)),
         Kill("tmpdir", 15),  # checkpoint 15 mid-write: so 9 and 12 are committed
+        # Here the test damages checkpoint 12: the next attempt must fall back to 9.
+        Kill("step", STEPS_PER_EPOCH + 1, rng.uniform(0.0, 0.4)),
         Kill("commit", TOTAL_STEPS),  # the last checkpoint's commit
     ]
+
+
+CORRUPT_BEFORE = 9  # index in _kill_plan() of the attempt that finds checkpoint 12 damaged
 
 
 class _LogWatcher:
@@ -206,23 +214,26 @@ class _LogWatcher:
         return self.step
 
 
-def _tmp_folder_at_least(workdir, step) -> bool:
+def _tmp_folders(workdir, step=0) -> set[tuple[str, int]]:
+    """(name, inode) of orbax's temporary checkpoint folders of steps >= ``step``."""
+    found = set()
     try:
-        names = os.listdir(Path(workdir) / "checkpoints")
+        with os.scandir(Path(workdir) / "checkpoints") as entries:
+            for entry in entries:
+                head = entry.name.split(".")[0]
+                if TMP_SUFFIX in entry.name and head.isdigit() and int(head) >= step:
+                    found.add((entry.name, entry.inode()))
     except FileNotFoundError:
-        return False
-    for name in names:
-        head = name.split(".")[0]
-        if TMP_SUFFIX in name and head.isdigit() and int(head) >= step:
-            return True
-    return False
+        pass
+    return found
 
 
-def _attempt(kill: Kill, command, env, workdir, log_path):
-    """Runs one attempt until ``kill`` fires; returns the step the child had logged by then."""
+def _attempt(kill: Kill, command, env, workdir, log_path) -> tuple[int, int]:
+    """Runs one attempt until ``kill`` fires: (return code, step logged by then)."""
     if kill.kind == "commit":
         env = {**env, "RELIABILITY_KILL_IN_COMMIT": str(kill.step)}
     watcher = _LogWatcher(log_path)
+    leftovers = _tmp_folders(workdir)  # of earlier killed saves: not this attempt's
     with open(log_path, "w") as log:
         child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
                                  stderr=subprocess.STDOUT)
@@ -233,134 +244,109 @@ def _attempt(kill: Kill, command, env, workdir, log_path):
             now = time.monotonic()
             assert now - start < ATTEMPT_TIMEOUT_S, f"attempt {kill} hung:\n{_tail(log_path)}"
             step = watcher.poll()
-            if kill.kind in ("delay", "step") and step >= kill.step and fire_at is None:
+            if kill.kind in ("step", "sigterm") and step >= kill.step and fire_at is None:
                 fire_at = now + kill.delay
             if kill.kind == "delay" and step >= kill.step:
                 fire_at = min(fire_at, now)
-            if kill.kind == "tmpdir" and _tmp_folder_at_least(workdir, kill.step):
+            if kill.kind == "tmpdir" and _tmp_folders(workdir, kill.step) - leftovers:
                 fire_at = now
             if fire_at is not None and now >= fire_at:
-                child.send_signal(signal.SIGKILL)
-                child.wait()
+                if kill.kind == "sigterm":
+                    child.send_signal(signal.SIGTERM)
+                    child.wait(timeout=ATTEMPT_TIMEOUT_S)
+                else:
+                    child.send_signal(signal.SIGKILL)
+                    child.wait()
                 break
             time.sleep(0.005)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert child.returncode == -signal.SIGKILL, (
-        f"attempt {kill} ended with {child.returncode} instead of being killed:\n"
+    expected = 0 if kill.kind == "sigterm" else -signal.SIGKILL
+    assert child.returncode == expected, (
+        f"attempt {kill} ended with {child.returncode}, expected {expected}:\n"
         f"{_tail(log_path)}")
-    return watcher.poll()
+    return child.returncode, watcher.poll()
 
 
-def _corrupt_largest_file(folder: Path) -> Path:
-    """Flips one byte in the middle of the checkpoint's largest file (its array data)."""
-    target = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+def _corrupt_array_data(checkpoint: Path) -> Path:
+    """Flips one byte in the middle of the checkpoint's largest array-data file: orbax reads it
+    without complaint; the digest saved with the checkpoint does not match."""
+    data_files = [p for p in (checkpoint / "state").glob("ocdbt.process_*/d/*") if p.is_file()]
+    target = max(data_files, key=lambda p: p.stat().st_size)
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     return target
 
 
-@pytest.fixture(scope="module")
-def kill_chain(mura_root, subprocess_env, reference, tmp_path_factory):
-    """Ten attempts each killed with SIGKILL (one of them through launch.py), the newest
-    checkpoint corrupted before the last killed attempt, then a run to the end."""
-    workdir = tmp_path_factory.mktemp("killed")
-    overrides = _overrides(mura_root)
-    plan = _kill_plan()
+def _run_kill_chain(root, env, workdir):
+    """The attempts of _kill_plan() in one workdir (checkpoint 12 damaged before attempt
+    CORRUPT_BEFORE), then a run to the end."""
+    overrides = _overrides(root)
     logs, reached, corrupted = [], [], None
-    for i, kill in enumerate(plan):
-        if kill.kind == "commit" and kill.step == TOTAL_STEPS:
-            # Before the last killed attempt: damage the newest checkpoint (9 and 12 are
-            # committed, 15 was killed mid-write), so the attempt must fall back to 9.
+    for i, kill in enumerate(_kill_plan()):
+        if i == CORRUPT_BEFORE:
             committed = _committed_steps(workdir)
             assert committed == [STEPS_PER_EPOCH, 12], committed
             corrupted = committed[-1]
-            _corrupt_largest_file(workdir / "checkpoints" / str(corrupted))
-        command = (_launch_command if kill.launch else _driver_command)(workdir, overrides)
+            _corrupt_array_data(workdir / "checkpoints" / str(corrupted))
+        these = _overrides(root, checkpoint_every_steps=100) if kill.kind == "sigterm" \
+            else overrides  # the interval changes what is saved, never the numbers
+        command = (_launch_command if kill.launch else _driver_command)(workdir, these)
         log_path = workdir / f"attempt{i}.log"
-        reached.append(_attempt(kill, command, subprocess_env, workdir, log_path))
+        reached.append(_attempt(kill, command, env, workdir, log_path)[1])
         logs.append(log_path)
     final_log = workdir / "final.log"
-    rc = _run(_driver_command(workdir, overrides), subprocess_env, final_log)
+    rc = _run(_driver_command(workdir, overrides), env, final_log)
     assert rc == 0, _tail(final_log)
     logs.append(final_log)
     return {"workdir": workdir, "logs": logs, "reached": reached, "corrupted": corrupted}
 
 
-def test_ten_sigkills_then_completion_give_bit_identical_params(kill_chain, reference):
-    workdir = kill_chain["workdir"]
-    _, expected, _ = reference
-    _assert_same_tree(_final_variables(workdir), expected)
-    # The kills landed all over the run, not only at its start.
-    assert max(kill_chain["reached"]) >= 15, kill_chain["reached"]
-    assert len(kill_chain["logs"]) == 11
+def test_killed_preempted_and_corrupted_run_ends_bit_identical(mura_root, subprocess_env,
+                                                               reference, tmp_path):
+    """One test (one xdist worker) for the whole chain; each block below checks one case of
+    docs/reliability.md."""
+    plan = _kill_plan()
+    chain = _run_kill_chain(mura_root, subprocess_env, tmp_path)
+    logs = chain["logs"]
+    _, expected_variables, expected_records = reference
 
+    # kill -9 at ten moments (launch.py among them), then completion: bit-identical params,
+    # and metrics.jsonl reads as one uninterrupted run.
+    assert sum(k.kind != "sigterm" for k in plan) == 10
+    assert any(k.launch and k.kind != "sigterm" for k in plan)
+    _assert_same_tree(_final_variables(tmp_path), expected_variables)
+    assert _records(tmp_path) == expected_records
+    assert max(chain["reached"]) >= 15, chain["reached"]  # kills all over the run
 
-def test_sigkill_inside_a_save_leaves_no_visible_checkpoint(kill_chain):
-    logs = kill_chain["logs"]
-    commit_kills = [i for i, k in enumerate(_kill_plan()) if k.kind == "commit"]
-    for i in commit_kills:
-        assert "SIGKILL inside the commit of checkpoint" in logs[i].read_text()
-    # Temporary folders of killed saves were cleaned up; only committed checkpoints remain.
-    names = os.listdir(kill_chain["workdir"] / "checkpoints")
-    assert not [n for n in names if TMP_SUFFIX in n], names
+    # kill -9 inside a save's commit: nothing half-written is visible; leftovers are cleaned.
+    for i, kill in enumerate(plan):
+        if kill.kind == "commit":
+            assert "SIGKILL inside the commit of checkpoint" in logs[i].read_text()
+    names = os.listdir(tmp_path / "checkpoints")
+    assert names and not [n for n in names if TMP_SUFFIX in n], names
 
+    # SIGTERM mid-epoch through launch.py: checkpoint at the next step, exit 0 (checked by
+    # _attempt), and the next attempt resumes from exactly that step.
+    i = next(i for i, k in enumerate(plan) if k.kind == "sigterm")
+    output = logs[i].read_text()
+    assert "SIGTERM received: saving a checkpoint at the next step" in output
+    stopped = int(re.search(r"stopped early at step (\d+)", output).group(1))
+    assert stopped % STEPS_PER_EPOCH, stopped  # mid-epoch
+    assert f"resumed from step {stopped} " in logs[i + 1].read_text()
 
-def test_metrics_of_a_killed_run_read_as_one_run(kill_chain, reference):
-    _, _, expected = reference
-    assert _records(kill_chain["workdir"]) == expected
-
-
-def test_corrupt_latest_checkpoint_falls_back_with_a_warning(kill_chain):
-    corrupted = kill_chain["corrupted"]
-    log = kill_chain["logs"][-2].read_text()  # the attempt after the corruption
-    bad = kill_chain["workdir"] / "checkpoints" / str(corrupted)
+    # A corrupt latest checkpoint: detected, named in a warning, set aside; the run falls back
+    # to the previous one (and still ends bit-identical, above).
+    log = logs[CORRUPT_BEFORE].read_text()
+    bad = tmp_path / "checkpoints" / str(chain["corrupted"])
     assert f"checkpoint {bad} is unreadable (CorruptCheckpointError" in log
     assert "falling back to the previous one" in log
     assert f"resumed from step {STEPS_PER_EPOCH} " in log
-    # Set aside, so the step could be saved again.
-    aside = list((kill_chain["workdir"] / checkpoints.UNREADABLE_DIR).iterdir())
-    assert [p.name.split("-")[0] for p in aside] == [str(corrupted)]
-
-
-# ---- SIGTERM through launch.py ----------------------------------------------------------------------
-
-
-def test_sigterm_saves_mid_epoch_exits_zero_and_resumes_exactly(mura_root, subprocess_env,
-                                                                reference, tmp_path):
-    overrides = _overrides(mura_root, checkpoint_every_steps=100)
-    log_path = tmp_path / "terminated.log"
-    watcher = _LogWatcher(log_path)
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(_launch_command(tmp_path, overrides), cwd=REPO,
-                                 env=subprocess_env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + ATTEMPT_TIMEOUT_S
-        while watcher.poll() < 4 and child.poll() is None:
-            assert time.monotonic() < deadline, _tail(log_path)
-            time.sleep(0.005)
-        child.send_signal(signal.SIGTERM)
-        rc = child.wait(timeout=ATTEMPT_TIMEOUT_S)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    output = log_path.read_text()
-    assert rc == 0, _tail(log_path)
-    assert "SIGTERM received" in output
-    stopped = int(re.search(r"stopped early at step (\d+)", output).group(1))
-    assert 4 <= stopped < STEPS_PER_EPOCH  # mid-epoch, at no checkpoint_every_steps multiple
-    assert _committed_steps(tmp_path) == [stopped]
-
-    rc = _run(_launch_command(tmp_path, overrides), subprocess_env, tmp_path / "resumed.log")
-    assert rc == 0, _tail(tmp_path / "resumed.log")
-    assert f"resumed from step {stopped} " in (tmp_path / "resumed.log").read_text()
-    _, expected, records = reference
-    _assert_same_tree(_final_variables(tmp_path), expected)
-    assert _records(tmp_path) == records
+    aside = list((tmp_path / checkpoints.UNREADABLE_DIR).iterdir())
+    assert [p.name.split("-")[0] for p in aside] == [str(chain["corrupted"])]
 
 
 # ---- in-process: determinism, truncated checkpoints, failing saves --------------------------------
@@ -383,8 +369,8 @@ def test_two_runs_with_the_same_seed_write_identical_metrics(mura_root, tmp_path
 
 
 def _tiny_state(value):
-    return {"w": jax.numpy.full((64,), value, jax.numpy.float32),
-            "n": jax.numpy.asarray(value, jax.numpy.int32)}
+    w = np.random.default_rng(value).normal(size=4096).astype(np.float32)  # incompressible
+    return {"w": jax.numpy.asarray(w), "n": jax.numpy.asarray(value, jax.numpy.int32)}
 
 
 def _abstract(state):
@@ -405,15 +391,16 @@ def test_damaged_latest_checkpoint_is_detected_named_and_set_aside(tmp_path, dam
                      key=lambda p: p.stat().st_size)
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     elif damage == "flip":
-        _corrupt_largest_file(latest / "state")
+        _corrupt_array_data(latest)
     else:
         (latest / "progress" / "metadata").unlink()
     with caplog.at_level(logging.WARNING):
         step, state, loader, progress = checkpointer.restore_latest_good(
             _abstract(_tiny_state(0)))
     assert step == 1 and loader == {"step": 1} and progress == {"epoch": 0}
-    np.testing.assert_array_equal(state["w"], np.ones(64, np.float32))
-    assert f"checkpoint {latest} is unreadable" in caplog.text
+    np.testing.assert_array_equal(state["w"], _tiny_state(1)["w"])
+    cause = {"truncate": "", "flip": "CorruptCheckpointError", "delete_progress": "FileNotFoundError"}
+    assert f"checkpoint {latest} is unreadable ({cause[damage]}" in caplog.text
     assert "falling back to the previous one" in caplog.text
     assert checkpointer.all_steps() == [1]
     # The damaged step is out of the way: saving it again works.
