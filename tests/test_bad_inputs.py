@@ -2,14 +2,12 @@
 (or a counted skip where configured), through the public entry points. See docs/reliability.md.
 """
 
-import io
 import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import h5py
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
