@@ -38,7 +38,9 @@ def test_jit_pmap_and_one_device_reach_the_same_params():
 
     for other, losses, probs in ((jit, jit_losses, jit_probs), (pmap, pmap_losses, pmap_probs)):
         np.testing.assert_allclose(losses, one_losses, rtol=RTOL)
-        np.testing.assert_allclose(probs, one_probs, rtol=RTOL, atol=1e-6)
+        # Probabilities come from the trained params, so they inherit the params' tolerance:
+        # a weight off by 1% of a step moves an output in its fourth digit.
+        np.testing.assert_allclose(probs, one_probs, rtol=1e-3, atol=1e-6)
         helpers.assert_params_close(other.params, one.params, config.optim.learning_rate,
                                     NUM_STEPS)
         helpers.assert_batch_stats_close(other.batch_stats, one.batch_stats)
