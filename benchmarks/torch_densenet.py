@@ -148,7 +148,7 @@ class TorchBench:
             self.mask.sum().clamp(min=1.0))
         loss.backward()
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def eval_step(self) -> torch.Tensor:

@@ -216,7 +216,17 @@ def matmul_peak_gflops(n: int | None = None, repeats: int = 8) -> float:
 
 
 def _reset_peak_rss() -> bool:
-    """Resets this process's RSS high-water mark (Linux); False where that is not possible."""
+    """Resets this process's RSS high-water mark (Linux); False where that is not possible.
+
+    Memory that compilation freed is first handed back to the OS (glibc ``malloc_trim``) so
+    that the mark measured afterwards is the steps' own.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -290,6 +300,68 @@ def pipeline_images_per_s(image_size: int, batch_size: int, *, studies: int = 40
 # The benchmark.
 
 
+class StepBench:
+    """The compiled train and eval steps of one configuration, ready to be timed.
+
+    ``murajax.bench.run`` and ``benchmarks/compare_torch.py`` (which alternates these steps
+    with PyTorch's in another process) share it.
+    """
+
+    def __init__(self, model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
+                 dtype: str = "float32", remat: bool = False, parallelism: str = "jit",
+                 real_init: bool = False, log=print):
+        parallel.check_batch_size(batch_size, "--batch-size")
+        self.batch_size = batch_size
+        self.log = log
+        config = make_config(model, image_size, batch_size, dtype, remat, parallelism)
+        self.strategy = create_strategy(parallelism)
+        log(f"building {model} state ({'real' if real_init else 'fast'} init)")
+        self.state = init_state(config, self.strategy, real_init=real_init)
+        self.batch = self.strategy.shard_batch(random_batch(batch_size, image_size))
+        self.train = self.evaluate = None
+        self.figures: dict[str, Any] = {}
+
+    def compile_train(self) -> None:
+        self.log("compiling the train step")
+        self.train, lower_s, xla_s = compile_timed(self.strategy.train_step, self.state,
+                                                   self.batch)
+        self.log(f"  {lower_s:.1f} s trace+lower, {xla_s:.1f} s XLA compile")
+        self.figures.update(train_lower_s=lower_s, train_xla_compile_s=xla_s,
+                            compile_s=lower_s + xla_s, train_flops=step_flops(self.train))
+        self.figures.update(memory_analysis_mb(self.train))
+
+    def compile_eval(self) -> None:
+        self.log("compiling the eval step")
+        self.evaluate, lower_s, xla_s = compile_timed(self.strategy.eval_step, self.state,
+                                                      self.batch)
+        self.figures.update(eval_compile_s=lower_s + xla_s, eval_flops=step_flops(self.evaluate))
+
+    def train_once(self):
+        self.state, metrics = self.train(self.state, self.batch)
+        return metrics
+
+    def eval_once(self):
+        return self.evaluate(self.state, self.batch)
+
+    def time_train(self, steps: int, warmup: int = 0) -> list[float]:
+        return median_step_seconds(self.train_once, steps, warmup)
+
+    def time_eval(self, steps: int, warmup: int = 0) -> list[float]:
+        return median_step_seconds(self.eval_once, steps, warmup)
+
+
+def summarize_steps(times: list[float], batch_size: int, flops: float | None,
+                    prefix: str) -> dict[str, float]:
+    """Median step time, images/s and achieved GFLOP/s of a list of step times."""
+    step_s = statistics.median(times)
+    out = {f"{prefix}step_s": step_s, f"{prefix}step_s_min": min(times),
+           f"{prefix}step_s_max": max(times), f"{prefix}images_per_s": batch_size / step_s}
+    if flops is not None:
+        out[f"{'' if prefix == 'train_' else prefix}flops_per_image"] = flops / batch_size
+        out[f"{'' if prefix == 'train_' else prefix}achieved_gflops"] = flops / step_s / 1e9
+    return out
+
+
 def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
         dtype: str = "float32", remat: bool = False, parallelism: str = "jit", steps: int = 10,
         warmup: int = 2, eval_steps: bool = True, pipeline: bool = True,
@@ -298,62 +370,24 @@ def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
     """Runs the benchmark; returns the flat dict ``--json`` writes."""
     if steps < 1 or warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
-    parallel.check_batch_size(batch_size, "--batch-size")
     result: dict[str, Any] = {
         "model": model, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
         "remat": remat, "parallelism": parallelism, "steps": steps, "warmup": warmup,
-        "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-        "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__, "python": platform.python_version(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "compilation_cache": jax.config.jax_compilation_cache_dir or "",
-        "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        **environment(),
     }
-    config = make_config(model, image_size, batch_size, dtype, remat, parallelism)
-    strategy = create_strategy(parallelism)
-
-    log(f"building {model} state ({'real' if real_init else 'fast'} init)")
-    state = init_state(config, strategy, real_init=real_init)
-    batch = strategy.shard_batch(random_batch(batch_size, image_size))
-
-    log("compiling the train step")
-    train, lower_s, xla_s = compile_timed(strategy.train_step, state, batch)
-    result.update(train_lower_s=lower_s, train_xla_compile_s=xla_s, compile_s=lower_s + xla_s)
-    result.update(memory_analysis_mb(train))
-    train_flops = step_flops(train)
-    log(f"  {lower_s:.1f} s trace+lower, {xla_s:.1f} s XLA compile")
-
-    holder = {"state": state}
-
-    def train_once():
-        holder["state"], metrics = train(holder["state"], batch)
-        return metrics
-
+    session = StepBench(model, batch_size, image_size, dtype, remat, parallelism, real_init,
+                        log)
+    session.compile_train()
     rss_reset = _reset_peak_rss()
     log(f"timing {steps} train steps after {warmup} warm-up")
-    times = median_step_seconds(train_once, steps, warmup)
-    step_s = statistics.median(times)
-    result.update(
-        train_step_s=step_s, train_step_s_min=min(times), train_step_s_max=max(times),
-        train_images_per_s=batch_size / step_s,
-        step_peak_rss_mb=_vm_hwm_mb() if rss_reset else None,
-    )
-    if train_flops is not None:
-        result.update(flops_per_image=train_flops / batch_size,
-                      achieved_gflops=train_flops / step_s / 1e9)
-
+    times = session.time_train(steps, warmup)
+    result["step_peak_rss_mb"] = _vm_hwm_mb() if rss_reset else None
+    result.update(summarize_steps(times, batch_size, session.figures["train_flops"], "train_"))
     if eval_steps:
-        log("compiling the eval step")
-        state = holder["state"]
-        evaluate, lower_s, xla_s = compile_timed(strategy.eval_step, state, batch)
-        result.update(eval_compile_s=lower_s + xla_s)
-        eval_flops = step_flops(evaluate)
-        times = median_step_seconds(lambda: evaluate(state, batch), steps, warmup)
-        eval_s = statistics.median(times)
-        result.update(eval_step_s=eval_s, eval_images_per_s=batch_size / eval_s)
-        if eval_flops is not None:
-            result.update(eval_flops_per_image=eval_flops / batch_size,
-                          eval_achieved_gflops=eval_flops / eval_s / 1e9)
+        session.compile_eval()
+        times = session.time_eval(steps, warmup)
+        result.update(summarize_steps(times, batch_size, session.figures["eval_flops"], "eval_"))
+    result.update({k: v for k, v in session.figures.items() if not k.endswith("_flops")})
 
     result["device_peak_mb"] = device_peak_mb()
     result["peak_rss_mb"] = peak_rss_mb()
@@ -368,8 +402,23 @@ def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
         log("measuring the input pipeline")
         result.update(pipeline_images_per_s(image_size, batch_size, studies=pipeline_studies,
                                             batches=pipeline_batches))
-    result["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result["load_average_end"] = _load()
     return result
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__, "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compilation_cache": jax.config.jax_compilation_cache_dir or "",
+        "load_average_start": _load(),
+    }
 
 
 _ROWS = [

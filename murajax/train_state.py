@@ -50,6 +50,7 @@ def create_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None 
             bn_momentum=float(model_config.bn_momentum),
             bn_epsilon=float(model_config.bn_epsilon),
             bn_axis_name=bn_axis_name,
+            conv_impl=str(model_config.get("conv_impl", "auto")),
         )
     except ValueError as e:
         raise UserError(f"config.model.name: {e}") from None

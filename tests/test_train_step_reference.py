@@ -20,6 +20,8 @@ Tolerances (float32 on CPU; the two programs sum in different orders):
 * BatchNorm running statistics: absolute 1e-5 + relative 1e-5.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +191,28 @@ def test_batch_statistics_match(both_steps):
     assert got.keys() == want.keys()
     for key, expected in want.items():
         np.testing.assert_allclose(got[key], expected, rtol=1e-5, atol=1e-5, err_msg=str(key))
+
+
+def test_xla_and_matmul_convolutions_agree():
+    """conv_impl='xla' (nn.Conv everywhere, the GPU/TPU default) and 'matmul' (CPU default)."""
+    from murajax import models
+
+    images = jnp.asarray(helpers.random_batch(4, seed=5)["image"])
+    xla = models.create_model("densenet_tiny", conv_impl="xla")
+    matmul = models.create_model("densenet_tiny", conv_impl="matmul")
+    variables = jax.jit(xla.init)(jax.random.key(0), images)
+
+    def loss(model, params):
+        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                images, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.square(logits))
+
+    results = [jax.jit(jax.value_and_grad(functools.partial(loss, m)))(variables["params"])
+               for m in (xla, matmul)]
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-4)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_a))
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(matmul.apply(variables, images), xla.apply(variables, images),
+                               rtol=1e-5, atol=1e-6)
