@@ -59,9 +59,10 @@ NUM_STUDY_TYPES = 7
 
 
 def make_config(model: str, image_size: int, batch_size: int, dtype: str, remat: bool,
-                parallelism: str):
+                parallelism: str, conv_impl: str = "auto"):
     config = default_config.get_config()
     config.model.name = model
+    config.model.conv_impl = conv_impl
     config.model.dtype = dtype
     config.model.remat = remat
     config.data.image_size = image_size
@@ -309,11 +310,12 @@ class StepBench:
 
     def __init__(self, model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
                  dtype: str = "float32", remat: bool = False, parallelism: str = "jit",
-                 real_init: bool = False, log=print):
+                 real_init: bool = False, log=print, conv_impl: str = "auto"):
         parallel.check_batch_size(batch_size, "--batch-size")
         self.batch_size = batch_size
         self.log = log
-        config = make_config(model, image_size, batch_size, dtype, remat, parallelism)
+        config = make_config(model, image_size, batch_size, dtype, remat, parallelism,
+                             conv_impl)
         self.strategy = create_strategy(parallelism)
         log(f"building {model} state ({'real' if real_init else 'fast'} init)")
         self.state = init_state(config, self.strategy, real_init=real_init)
@@ -366,17 +368,18 @@ def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
         dtype: str = "float32", remat: bool = False, parallelism: str = "jit", steps: int = 10,
         warmup: int = 2, eval_steps: bool = True, pipeline: bool = True,
         pipeline_studies: int = 40, pipeline_batches: int = 6, real_init: bool = False,
-        matmul_n: int | None = None, log=print) -> dict[str, Any]:
+        matmul_n: int | None = None, log=print, conv_impl: str = "auto") -> dict[str, Any]:
     """Runs the benchmark; returns the flat dict ``--json`` writes."""
     if steps < 1 or warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
     result: dict[str, Any] = {
         "model": model, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
-        "remat": remat, "parallelism": parallelism, "steps": steps, "warmup": warmup,
+        "remat": remat, "parallelism": parallelism, "conv_impl": conv_impl, "steps": steps,
+        "warmup": warmup,
         **environment(),
     }
     session = StepBench(model, batch_size, image_size, dtype, remat, parallelism, real_init,
-                        log)
+                        log, conv_impl)
     session.compile_train()
     rss_reset = _reset_peak_rss()
     log(f"timing {steps} train steps after {warmup} warm-up")
@@ -469,6 +472,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--parallelism", default="jit", choices=["jit", "pmap"])
+    parser.add_argument("--conv-impl", default="auto", choices=list(models.CONV_IMPLS),
+                        help="how convolutions run (config.model.conv_impl)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-eval", dest="eval_steps", action="store_false",
@@ -492,7 +497,8 @@ def main(argv=None) -> int:
     try:
         result = run(
             model=args.model, batch_size=args.batch_size, image_size=args.image_size,
-            dtype=args.dtype, remat=args.remat, parallelism=args.parallelism, steps=args.steps,
+            dtype=args.dtype, remat=args.remat, parallelism=args.parallelism,
+            conv_impl=args.conv_impl, steps=args.steps,
             warmup=args.warmup, eval_steps=args.eval_steps, pipeline=args.pipeline,
             pipeline_studies=args.pipeline_studies, real_init=args.real_init,
             log=lambda message: print(message, file=sys.stderr, flush=True),

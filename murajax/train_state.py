@@ -42,6 +42,10 @@ def compute_dtype(name: str):
 def create_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None = None):
     """The DenseNet the config names, with its numerics settings."""
     model_config = config.model
+    conv_impl = str(model_config.get("conv_impl", "auto"))
+    if conv_impl not in models.CONV_IMPLS:
+        raise UserError(f"config.model.conv_impl must be one of {list(models.CONV_IMPLS)}, "
+                        f"got {conv_impl!r}")
     try:
         return models.create_model(
             model_config.name,
@@ -50,7 +54,7 @@ def create_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None 
             bn_momentum=float(model_config.bn_momentum),
             bn_epsilon=float(model_config.bn_epsilon),
             bn_axis_name=bn_axis_name,
-            conv_impl=str(model_config.get("conv_impl", "auto")),
+            conv_impl=conv_impl,
         )
     except ValueError as e:
         raise UserError(f"config.model.name: {e}") from None

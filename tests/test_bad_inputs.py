@@ -347,3 +347,11 @@ def test_nothing_reads_pickles():
         text = path.read_text()
         for word in forbidden:
             assert word not in text, f"{path}: {word}"
+
+
+def test_unknown_conv_impl_names_the_field():
+    from murajax import train_state
+
+    config = helpers.tiny_config(**{"model.conv_impl": "cudnn"})
+    with pytest.raises(UserError, match=r"config.model.conv_impl must be one of .*'cudnn'"):
+        train_state.create_model(config)

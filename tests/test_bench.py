@@ -62,6 +62,21 @@ def test_main_writes_the_json_and_prints_a_table(tmp_path, capsys, monkeypatch):
     assert "train images/s" in table and "densenet_tiny" in table
 
 
+def test_conv_impl_flag_reaches_the_model(tmp_path):
+    out = tmp_path / "xla.json"
+    assert bench.main(["--model", "densenet_tiny", "--image-size", "32", "--steps", "1",
+                       "--warmup", "0", "--no-pipeline", "--no-eval", "--conv-impl", "xla",
+                       "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["conv_impl"] == "xla"
+    # The matmul formulation has no convolution in its 1x1 layers; XLA's has one per layer.
+    convolutions = {}
+    for impl in ("xla", "matmul"):
+        session = bench.StepBench("densenet_tiny", 8, 32, conv_impl=impl, log=lambda m: None)
+        lowered = session.strategy.train_step.lower(session.state, session.batch)
+        convolutions[impl] = lowered.as_text().count("convolution")
+    assert convolutions["matmul"] < convolutions["xla"], convolutions
+
+
 def test_bad_arguments_are_user_errors(capsys):
     assert bench.main(["--model", "densenet_tiny", "--image-size", "32", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
