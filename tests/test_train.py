@@ -150,3 +150,28 @@ def test_predictor_probabilities_equal_eval_step(mura_root, uninterrupted):
     predictor = inference.Predictor.from_workdir(workdir, top_k=1, batch_size=16)
     logits, _ = predictor.predict_logits(batch["image"])
     np.testing.assert_allclose(jax.nn.sigmoid(logits[0]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_accelerator_config_trains_in_bfloat16_with_remat(mura_root, tmp_path):
+    """configs/accelerator.py (bfloat16 compute, remat, float32 params and loss) runs end to
+    end; only its size is scaled down (tiny model, batch 8, no worker processes)."""
+    from configs import accelerator
+
+    config = accelerator.get_config()
+    assert config.model.dtype == "bfloat16" and config.model.remat
+    for dotted, value in {
+        "model.name": "densenet_tiny", "data.image_size": helpers.IMAGE_SIZE,
+        "data.root": str(mura_root), "data.synthetic_studies": 0, "data.num_workers": 0,
+        "data.prefetch": 0, "batch_size": 8, "eval_batch_size": 16, "num_epochs": 1,
+        "checkpoint_every_steps": 2, "log_every_steps": 1, "keep_best": 1,
+        "optim.learning_rate": 1e-3,
+    }.items():
+        section, *path = dotted.split(".")
+        if path:
+            config[section][path[0]] = value
+        else:
+            config[section] = value
+    summary = train.train_and_evaluate(config, tmp_path)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(summary["params"]))
+    assert np.isfinite(summary["history"][-1]["val_loss"])
+    assert summary["history"][-1]["step"] > 0
