@@ -264,6 +264,32 @@ def _read_csv_rows(path: pathlib.Path) -> list[tuple[int, list[str]]]:
         raise UserError(f"{path}: malformed CSV ({e}). Restore it from the MURA-v1.1 download.")
 
 
+def _row_path(where: str, fields: list[str], root: pathlib.Path, split: str, *, row_form: str,
+              kind: str, path_form: str, depth: int) -> tuple[str, list[str]]:
+    """The row's path relative to the MURA folder and its ``depth`` components (split, study
+    type, patient, study[, image]), after checking the row has the columns ``row_form``
+    describes (an image row one, a study row a second for its label) and the path the shape of
+    ``path_form``."""
+    columns = 1 if kind == "image" else 2
+    if len(fields) != columns:
+        raise UserError(f"{where}: malformed row {','.join(fields)!r}: expected {row_form}. "
+                        "Fix or remove the row.")
+    rel = _relative(fields[0], root)
+    parts = rel.split("/") if rel else []
+    if rel is None or len(parts) != depth or parts[0] != split:
+        raise UserError(f"{where}: malformed {kind} path {fields[0]!r}: expected "
+                        f"'{path_form}'. Fix or remove the row.")
+    return rel, parts
+
+
+def _check_study_type(where: str, parts: list[str], path_field: str) -> None:
+    if parts[1] not in STUDY_TYPES:
+        raise UserError(
+            f"{where}: unknown study type {parts[1]!r} in {path_field!r}; MURA study types are "
+            f"{', '.join(STUDY_TYPES)}. Fix the path or remove the row."
+        )
+
+
 def _relative(path_field: str, root: pathlib.Path) -> str | None:
     """A CSV path ("MURA-v1.1/train/...") relative to the MURA-v1.1 folder, or None if it is
     not of that form. The first component may be MURA-v1.1 or the actual folder name."""
@@ -334,30 +360,20 @@ def read_split(
     study_row: dict[str, int] = {}
     for row_number, fields in _read_csv_rows(studies_csv):
         where = f"{studies_csv}, row {row_number}"
-        if len(fields) != 2:
-            raise UserError(
-                f"{where}: malformed row {','.join(fields)!r}: expected '<study folder>/,<label>' "
-                f"(e.g. 'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/,1'). Fix or "
-                "remove the row."
-            )
-        rel = _relative(fields[0], root)
-        parts = rel.split("/") if rel else []
-        if rel is None or len(parts) != 4 or parts[0] != split:
-            raise UserError(
-                f"{where}: malformed study path {fields[0]!r}: expected "
-                f"'MURA-v1.1/{split}/<study type>/<patient>/<study>/'. Fix or remove the row."
-            )
+        rel, parts = _row_path(
+            where, fields, root, split,
+            row_form="'<study folder>/,<label>' (e.g. "
+                     f"'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/,1')",
+            kind="study", path_form=f"MURA-v1.1/{split}/<study type>/<patient>/<study>/",
+            depth=4,
+        )
         if fields[1] not in ("0", "1"):
             raise UserError(
                 f"{where}: malformed label {fields[1]!r} for {fields[0]!r}: expected 0 (normal) or "
                 "1 (abnormal). Fix or remove the row."
             )
         label = int(fields[1])
-        if parts[1] not in STUDY_TYPES:
-            raise UserError(
-                f"{where}: unknown study type {parts[1]!r} in {fields[0]!r}; MURA study types are "
-                f"{', '.join(STUDY_TYPES)}. Fix the path or remove the row."
-            )
+        _check_study_type(where, parts, fields[0])
         suffix_label = _label_from_suffix(parts[3])
         if suffix_label >= 0 and suffix_label != label:
             raise UserError(
@@ -381,25 +397,14 @@ def read_split(
     dir_cache: dict[str, set[str] | None] = {}
     for row_number, fields in _read_csv_rows(images_csv):
         where = f"{images_csv}, row {row_number}"
-        if len(fields) != 1:
-            raise UserError(
-                f"{where}: malformed row {','.join(fields)!r}: expected one image path such as "
-                f"'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/image1.png'. Fix or "
-                "remove the row."
-            )
-        rel = _relative(fields[0], root)
-        parts = rel.split("/") if rel else []
-        if rel is None or len(parts) != 5 or parts[0] != split:
-            raise UserError(
-                f"{where}: malformed image path {fields[0]!r}: expected "
-                f"'MURA-v1.1/{split}/<study type>/<patient>/<study>/<image>.png'. Fix or remove "
-                "the row."
-            )
-        if parts[1] not in STUDY_TYPES:
-            raise UserError(
-                f"{where}: unknown study type {parts[1]!r} in {fields[0]!r}; MURA study types are "
-                f"{', '.join(STUDY_TYPES)}. Fix the path or remove the row."
-            )
+        rel, parts = _row_path(
+            where, fields, root, split,
+            row_form="one image path such as "
+                     f"'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/image1.png'",
+            kind="image", depth=5,
+            path_form=f"MURA-v1.1/{split}/<study type>/<patient>/<study>/<image>.png",
+        )
+        _check_study_type(where, parts, fields[0])
         study = "/".join(parts[:4])
         if study not in study_label:
             raise UserError(
