@@ -32,42 +32,11 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _rss_reset():
-    try:  # hand memory freed by setup (XLA compilation) back to the OS first
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm_mb():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
-
-
-def _peak_mb():
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _worker(kind: str, conn, args: dict) -> None:
     """Serves 'train k' / 'eval k' / 'report' requests for one framework."""
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    from murajax import host_memory  # standard library only: the torch worker stays JAX-free
     info: dict = {}
     if kind == "murajax":
         if args.get("compilation_cache"):
@@ -110,8 +79,8 @@ def _worker(kind: str, conn, args: dict) -> None:
 
             return time_steps(torch_bench.eval_step, k, 0)
 
-    info["setup_peak_rss_mb"] = _peak_mb()
-    reset = _rss_reset()
+    info["setup_peak_rss_mb"] = host_memory.peak_rss_mb()
+    reset = host_memory.reset_peak_rss()
     conn.send(("ready", info))
     while True:
         request, k = conn.recv()
@@ -120,7 +89,8 @@ def _worker(kind: str, conn, args: dict) -> None:
         elif request == "eval":
             conn.send(evaluate(k))
         else:
-            info.update(peak_rss_mb=_peak_mb(), step_peak_rss_mb=_hwm_mb() if reset else None)
+            info.update(peak_rss_mb=host_memory.peak_rss_mb(),
+                        step_peak_rss_mb=host_memory.vm_hwm_mb() if reset else None)
             conn.send(info)
             return
 

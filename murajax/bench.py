@@ -36,7 +36,6 @@ import math
 import os
 import pathlib
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -48,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default as default_config
-from murajax import models, optim, parallel, train_state
+from murajax import host_memory, models, optim, parallel, train_state
 from murajax.errors import UserError
 
 NUM_STUDY_TYPES = 7
@@ -216,42 +215,6 @@ def matmul_peak_gflops(n: int | None = None, repeats: int = 8) -> float:
     return 2.0 * n ** 3 / best / 1e9
 
 
-def _reset_peak_rss() -> bool:
-    """Resets this process's RSS high-water mark (Linux); False where that is not possible.
-
-    Memory that compilation freed is first handed back to the OS (glibc ``malloc_trim``) so
-    that the mark measured afterwards is the steps' own.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _vm_hwm_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024.0 / (1024.0 if sys.platform == "darwin" else 1.0)  # macOS reports bytes
-
-
 def device_peak_mb() -> float | None:
     if jax.default_backend() == "cpu":
         return None
@@ -381,10 +344,10 @@ def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
     session = StepBench(model, batch_size, image_size, dtype, remat, parallelism, real_init,
                         log, conv_impl)
     session.compile_train()
-    rss_reset = _reset_peak_rss()
+    rss_reset = host_memory.reset_peak_rss()
     log(f"timing {steps} train steps after {warmup} warm-up")
     times = session.time_train(steps, warmup)
-    result["step_peak_rss_mb"] = _vm_hwm_mb() if rss_reset else None
+    result["step_peak_rss_mb"] = host_memory.vm_hwm_mb() if rss_reset else None
     result.update(summarize_steps(times, batch_size, session.figures["train_flops"], "train_"))
     if eval_steps:
         session.compile_eval()
@@ -393,7 +356,7 @@ def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
     result.update({k: v for k, v in session.figures.items() if not k.endswith("_flops")})
 
     result["device_peak_mb"] = device_peak_mb()
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb"] = host_memory.peak_rss_mb()
 
     log("measuring float32 matmul peak")
     result["matmul_peak_gflops"] = matmul_peak_gflops(matmul_n)
