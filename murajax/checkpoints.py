@@ -41,6 +41,9 @@ CHECKPOINT_DIR = "checkpoints"
 _ARCHITECTURE_FIELDS = ("model.name",)
 UNREADABLE_DIR = "checkpoints-unreadable"  # where unreadable checkpoints are moved on fallback
 _DIGEST = "state_sha256"  # progress key: digest of the saved state, checked on restore
+# progress key: digest of params + batch_stats alone, checked when only those are restored
+# (evaluation, inference)
+_VARIABLES_DIGEST = "variables_sha256"
 # Failures of the storage, not of the program: reported as CheckpointWriteError.
 _STORAGE_ERRORS = re.compile(
     r"No space left|Disk quota|Read-only file system|Permission denied|Input/output error",
@@ -68,6 +71,18 @@ def state_digest(state) -> str:
         digest.update(f"{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape};".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+def _evaluation_variables(state) -> dict | None:
+    """``{'params', 'batch_stats'}`` of a TrainState or of a dict holding both (None if it
+    lacks them): what evaluation restores, in the one layout its digest is taken over."""
+    if isinstance(state, dict):
+        params, batch_stats = state.get("params"), state.get("batch_stats")
+    else:
+        params, batch_stats = getattr(state, "params", None), getattr(state, "batch_stats", None)
+    if params is None or batch_stats is None:
+        return None
+    return {"params": params, "batch_stats": batch_stats}
 
 
 @dataclasses.dataclass
@@ -148,6 +163,9 @@ class Checkpointer:
         self.wait()  # the previous save's errors belong to the previous step
         metrics = {} if val_loss is None else {"val_loss": float(val_loss)}  # {}: unscored
         progress = {**progress, _DIGEST: state_digest(state)}
+        variables = _evaluation_variables(state)
+        if variables is not None:
+            progress[_VARIABLES_DIGEST] = state_digest(variables)
         with self._reporting_write_errors(int(step)):
             self.manager.save(
                 int(step),
@@ -194,13 +212,18 @@ class Checkpointer:
             ),
         )
         progress = dict(restored.progress)
-        expected = progress.pop(_DIGEST, None)
-        if expected is not None and state_digest(restored.state) != expected:
+        progress.pop(_VARIABLES_DIGEST, None)
+        self._check_digest(step, restored.state, progress.pop(_DIGEST, None))
+        return restored.state, restored.loader, progress
+
+    def _check_digest(self, step: int, restored, expected: str | None) -> None:
+        """CorruptCheckpointError unless ``restored`` hashes to ``expected`` (None: not recorded,
+        as in checkpoints from before digests were kept, which are trusted)."""
+        if expected is not None and state_digest(restored) != expected:
             raise CorruptCheckpointError(
                 f"checkpoint {self.directory / str(step)}: the restored state does not match "
                 "the digest saved with it (the files were damaged after writing)"
             )
-        return restored.state, restored.loader, progress
 
     def restore_latest_good(self, abstract_state) -> tuple[int, Any, dict, dict] | None:
         """The newest checkpoint that restores; broken ones are skipped with a warning naming them.
@@ -249,7 +272,8 @@ class Checkpointer:
         """Params and BatchNorm statistics of one checkpoint, on this process's first device.
 
         Works whatever topology saved the checkpoint (a pod's checkpoint on a workstation): the
-        target layout comes from the checkpoint's metadata, not from how it was saved.
+        target layout comes from the checkpoint's metadata, not from how it was saved. Checked
+        against the digest saved with them (CorruptCheckpointError), where there is one.
         """
         metadata = self.manager.item_metadata(int(step))["state"]
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -268,7 +292,9 @@ class Checkpointer:
                 )
             ),
         ).state
-        return {"params": raw["params"], "batch_stats": raw["batch_stats"]}
+        variables = _evaluation_variables(raw)
+        self._check_digest(step, variables, self.restore_progress(step).get(_VARIABLES_DIGEST))
+        return variables
 
     def wait(self) -> None:
         """Waits for the background save; CheckpointWriteError if it failed."""

@@ -460,3 +460,38 @@ def test_failing_background_save_surfaces_at_the_final_wait(tmp_path, monkeypatc
     checkpointer.wait()  # reported once
     checkpointer.close()
     assert _committed_steps(tmp_path) == [1]
+
+
+def _tiny_variables_state(value):
+    """A dict state holding what evaluation restores: params and BatchNorm statistics."""
+    rng = np.random.default_rng(value)
+    return {"params": {"w": jax.numpy.asarray(rng.normal(size=4096).astype(np.float32))},
+            "batch_stats": {"mean": jax.numpy.asarray(rng.normal(size=64).astype(np.float32))}}
+
+
+def test_evaluation_restore_checks_the_variables_digest(tmp_path):
+    """restore_variables (evaluation, inference) restores only params and batch_stats, so it
+    checks their own digest: damaged files are refused, intact ones and checkpoints saved before
+    the digest existed are read."""
+    checkpointer = checkpoints.Checkpointer(tmp_path, keep_best=3)
+    for step in (1, 2, 3):
+        checkpointer.save(step, _tiny_variables_state(step), {}, {"epoch": 0}, val_loss=1.0)
+    checkpointer.wait()
+    root = tmp_path / "checkpoints"
+    # 1: intact. 2: a byte of its array data flipped (orbax reads it without complaint).
+    # 3: saved before variables digests were kept.
+    _corrupt_array_data(root / "2")
+    progress_file = root / "3" / "progress" / "metadata"
+    progress = json.loads(progress_file.read_text())
+    del progress["variables_sha256"]
+    progress_file.write_text(json.dumps(progress))
+
+    reader = checkpoints.Checkpointer(tmp_path, read_only=True)
+    intact = reader.restore_variables(1)
+    np.testing.assert_array_equal(intact["params"]["w"], _tiny_variables_state(1)["params"]["w"])
+    with pytest.raises(checkpoints.CorruptCheckpointError, match=f"checkpoint {root / '2'}:"):
+        reader.restore_variables(2)
+    legacy = reader.restore_variables(3)
+    np.testing.assert_array_equal(legacy["batch_stats"]["mean"],
+                                  _tiny_variables_state(3)["batch_stats"]["mean"])
+    checkpointer.close()
