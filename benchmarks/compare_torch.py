@@ -1,7 +1,8 @@
 """murajax vs PyTorch eager on the same DenseNet training step, measured side by side.
 
     python benchmarks/compare_torch.py [--model densenet169] [--batch-size 8]
-        [--image-size 224] [--rounds 4] [--steps-per-round 3] [--json FILE]
+        [--image-size 224] [--remat auto|none|bottleneck|layer] [--rounds 4] [--steps-per-round 3]
+        [--json FILE]
 
 Two worker processes, one per framework, each holding its model, optimizer state and a fixed
 random batch: murajax's jitted ``train_step``/``eval_step`` (``murajax.bench.StepBench``, the
@@ -46,7 +47,7 @@ def _worker(kind: str, conn, args: dict) -> None:
         from murajax import bench
 
         session = bench.StepBench(args["model"], args["batch_size"], args["image_size"],
-                                  log=lambda m: None)
+                                  remat=args["remat"], log=lambda m: None)
         session.compile_train()
         session.compile_eval()
         session.time_train(1)  # first executions (allocations) are not steady state
@@ -100,13 +101,17 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="densenet169")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--remat", default="auto",
+                        choices=["auto", "none", "bottleneck", "layer"],
+                        help="murajax's config.model.remat (PyTorch's step never recomputes)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--compilation-cache", default="")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     worker_args = {"model": args.model, "batch_size": args.batch_size,
-                   "image_size": args.image_size, "compilation_cache": args.compilation_cache}
+                   "image_size": args.image_size, "remat": args.remat,
+                   "compilation_cache": args.compilation_cache}
 
     ctx = mp.get_context("spawn")
     workers = {}
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
             for kind in workers), flush=True)
 
     result = {"model": args.model, "batch_size": args.batch_size,
-              "image_size": args.image_size, "rounds": args.rounds,
+              "image_size": args.image_size, "remat": args.remat, "rounds": args.rounds,
               "steps_per_round": args.steps_per_round, "cpu_count": os.cpu_count(),
               "load_averages": loads}
     for kind, (process, conn) in workers.items():

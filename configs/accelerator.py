@@ -10,7 +10,7 @@ from configs import default
 def get_config():
     config = default.get_config()
     config.model.dtype = "bfloat16"
-    config.model.remat = True
+    config.model.remat = "bottleneck"
     config.batch_size = 256
     config.eval_batch_size = 512
     config.optim.learning_rate = 1e-4 * 256 / 8

@@ -1,8 +1,9 @@
 """Performance benchmark of the real training and evaluation steps, and of the input pipeline.
 
     python -m murajax.bench [--model densenet169] [--batch-size 8] [--image-size 224]
-        [--dtype float32|bfloat16] [--remat] [--parallelism jit|pmap] [--steps 10] [--warmup 2]
-        [--no-eval] [--pipeline/--no-pipeline] [--compilation-cache DIR] [--json FILE]
+        [--dtype float32|bfloat16] [--remat [auto|none|bottleneck|layer]] [--parallelism jit|pmap]
+        [--steps 10] [--warmup 2] [--no-eval] [--pipeline/--no-pipeline]
+        [--compilation-cache DIR] [--json FILE]
 
 What it measures, in one process:
 
@@ -57,7 +58,7 @@ NUM_STUDY_TYPES = 7
 # Building the state and the batch.
 
 
-def make_config(model: str, image_size: int, batch_size: int, dtype: str, remat: bool,
+def make_config(model: str, image_size: int, batch_size: int, dtype: str, remat: bool | str,
                 parallelism: str, conv_impl: str = "auto"):
     config = default_config.get_config()
     config.model.name = model
@@ -153,7 +154,7 @@ def compile_timed(jitted, *args):
     start = time.perf_counter()
     lowered = jitted.lower(*args)
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = jitted.compile(lowered)
     done = time.perf_counter()
     return compiled, lowered_at - start, done - lowered_at
 
@@ -272,7 +273,7 @@ class StepBench:
     """
 
     def __init__(self, model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
-                 dtype: str = "float32", remat: bool = False, parallelism: str = "jit",
+                 dtype: str = "float32", remat: bool | str = "auto", parallelism: str = "jit",
                  real_init: bool = False, log=print, conv_impl: str = "auto"):
         parallel.check_batch_size(batch_size, "--batch-size")
         self.batch_size = batch_size
@@ -328,8 +329,8 @@ def summarize_steps(times: list[float], batch_size: int, flops: float | None,
 
 
 def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
-        dtype: str = "float32", remat: bool = False, parallelism: str = "jit", steps: int = 10,
-        warmup: int = 2, eval_steps: bool = True, pipeline: bool = True,
+        dtype: str = "float32", remat: bool | str = "auto", parallelism: str = "jit",
+        steps: int = 10, warmup: int = 2, eval_steps: bool = True, pipeline: bool = True,
         pipeline_studies: int = 40, pipeline_batches: int = 6, real_init: bool = False,
         matmul_n: int | None = None, log=print, conv_impl: str = "auto") -> dict[str, Any]:
     """Runs the benchmark; returns the flat dict ``--json`` writes."""
@@ -337,8 +338,8 @@ def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
         raise UserError("--steps must be >= 1 and --warmup >= 0")
     result: dict[str, Any] = {
         "model": model, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
-        "remat": remat, "parallelism": parallelism, "conv_impl": conv_impl, "steps": steps,
-        "warmup": warmup,
+        "remat": models.remat_policy(remat), "parallelism": parallelism, "conv_impl": conv_impl,
+        "steps": steps, "warmup": warmup,
         **environment(),
     }
     session = StepBench(model, batch_size, image_size, dtype, remat, parallelism, real_init,
@@ -407,9 +408,13 @@ _ROWS = [
 ]
 
 
+def remat_label(policy: str) -> str:
+    return "" if policy == "none" else f" remat={policy}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     head = (f"{result['model']} batch {result['batch_size']} {result['image_size']}px "
-            f"{result['dtype']}{' remat' if result['remat'] else ''} {result['parallelism']} on "
+            f"{result['dtype']}{remat_label(result['remat'])} {result['parallelism']} on "
             f"{result['device_count']} x {result['device']} ({result['backend']})")
     lines = [head, "-" * len(head)]
     for row in _ROWS:
@@ -433,7 +438,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--remat", nargs="?", const="bottleneck", default="auto",
+                        choices=list(models.REMAT_POLICIES),
+                        help="what the backward pass recomputes (config.model.remat); "
+                             "bare --remat: bottleneck")
     parser.add_argument("--parallelism", default="jit", choices=["jit", "pmap"])
     parser.add_argument("--conv-impl", default="auto", choices=list(models.CONV_IMPLS),
                         help="how convolutions run (config.model.conv_impl)")

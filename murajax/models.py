@@ -36,6 +36,24 @@ import numpy as np
 
 ModuleDef = Callable[..., nn.Module]
 CONV_IMPLS = ("auto", "matmul", "xla")
+# What the backward pass recomputes instead of storing: nothing; each dense layer's
+# concatenation -> BN -> ReLU (cheap elementwise work); or the whole layer minus its 3x3 output
+# (adds the 1x1 matmul again). 'auto': 'bottleneck' on CPU, where it is also faster (XLA:CPU
+# pays page faults on every step's scratch memory), 'none' elsewhere. docs/performance.md has
+# their memory and time.
+REMAT_POLICIES = ("auto", "none", "bottleneck", "layer")
+
+
+def remat_policy(value) -> str:
+    """``DenseNet.remat`` resolved to 'none', 'bottleneck' or 'layer' for the default backend;
+    booleans mean 'none'/'bottleneck'."""
+    if isinstance(value, (bool, np.bool_)):
+        return "bottleneck" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES} (or a bool), got {value!r}")
+    if value == "auto":
+        return "bottleneck" if jax.default_backend() == "cpu" else "none"
+    return value
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,11 +343,11 @@ class DenseLayer(nn.Module):
     conv1x1: ModuleDef
     conv3x3: ModuleDef
     norm: ModuleDef  # BatchNorm followed by ReLU
-    remat: bool = False
+    remat_bottleneck: bool = False
 
     @nn.compact
     def __call__(self, inputs: Sequence[jnp.ndarray]) -> jnp.ndarray:
-        bottleneck_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
+        bottleneck_cls = nn.remat(Bottleneck) if self.remat_bottleneck else Bottleneck
         x = bottleneck_cls(
             self.bottleneck_width * self.growth_rate, self.conv1x1, self.norm, name="bottleneck"
         )(inputs)
@@ -373,7 +391,7 @@ class DenseNet(nn.Module):
     bn_axis_name: str | None = None  # set under pmap so BatchNorm averages over devices
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = "auto"  # one of REMAT_POLICIES
     conv_impl: str = "auto"
 
     def _convs(self):
@@ -401,6 +419,8 @@ class DenseNet(nn.Module):
         if images.ndim != 4:
             raise ValueError(f"DenseNet expects NHWC images, got shape {images.shape}")
         stem_conv, conv1x1, conv3x3 = self._convs()
+        remat = remat_policy(self.remat)
+        dense_layer = nn.remat(DenseLayer) if remat == "layer" else DenseLayer
         norm = functools.partial(  # BatchNorm + ReLU
             BatchNormReLU,
             use_running_average=not train,
@@ -423,8 +443,9 @@ class DenseNet(nn.Module):
             maps = [x]
             for layer in range(num_layers):
                 maps.append(
-                    DenseLayer(
-                        self.growth_rate, self.bottleneck_width, conv1x1, conv3x3, norm, self.remat,
+                    dense_layer(
+                        self.growth_rate, self.bottleneck_width, conv1x1, conv3x3, norm,
+                        remat == "bottleneck",
                         name=f"conv{stage}_block{layer + 1}",
                     )(maps)
                 )

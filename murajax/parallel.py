@@ -41,13 +41,28 @@ def _wait_for_other_processes(name: str) -> None:
         distributed.global_state.client.wait_at_barrier(f"murajax: {name}", _BARRIER_TIMEOUT_MS)
 
 
+def xla_compiler_options() -> dict[str, str]:
+    """XLA options every murajax step is compiled with, for the default backend.
+
+    XLA:CPU expands ``jax.checkpoint``'s optimization barriers away before its last CSE pass,
+    which then merges the recomputed forward pass back into the saved one: ``remat`` would keep
+    every activation and save nothing (docs/performance.md, experiment 8). Keeping the barriers
+    (XLA:CPU runs them as no-ops) makes remat work; a program without remat has none, so this
+    changes nothing else. It replaces any ``--xla_disable_hlo_passes`` given in ``XLA_FLAGS``.
+    """
+    if jax.default_backend() == "cpu":
+        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    return {}
+
+
 class CompiledOnFirstCall:
     """A jitted or pmapped step, compiled ahead of its first call and then reused.
 
     Compiling explicitly lets the compile time be logged, and on several processes lets every
     process finish compiling before any of them runs the step: CPU collectives (gloo) give up
     on a peer that is more than 30 s late, which a slow compile easily is. ``lower`` is the
-    wrapped function's, for callers that inspect the program (``murajax.bench``).
+    wrapped function's and ``compile(lowered)`` compiles with ``xla_compiler_options``, for
+    callers that time or inspect the two apart (``murajax.bench``).
     """
 
     def __init__(self, step, name: str):
@@ -58,10 +73,14 @@ class CompiledOnFirstCall:
     def lower(self, *args):
         return self._step.lower(*args)
 
+    @staticmethod
+    def compile(lowered):
+        return lowered.compile(xla_compiler_options())
+
     def __call__(self, *args):
         if self._compiled is None:
             start = time.perf_counter()
-            self._compiled = self._step.lower(*args).compile()
+            self._compiled = self.compile(self._step.lower(*args))
             logging.info("compiled %s in %.1f s", self._name, time.perf_counter() - start)
             _wait_for_other_processes(f"{self._name} compiled")
         return self._compiled(*args)

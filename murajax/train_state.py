@@ -47,10 +47,15 @@ def create_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None 
         raise UserError(f"config.model.conv_impl must be one of {list(models.CONV_IMPLS)}, "
                         f"got {conv_impl!r}")
     try:
+        remat = models.remat_policy(model_config.remat)
+    except ValueError:
+        raise UserError(f"config.model.remat must be one of {list(models.REMAT_POLICIES)}, "
+                        f"got {model_config.remat!r}") from None
+    try:
         return models.create_model(
             model_config.name,
             dtype=compute_dtype(model_config.dtype),
-            remat=bool(model_config.remat),
+            remat=remat,
             bn_momentum=float(model_config.bn_momentum),
             bn_epsilon=float(model_config.bn_epsilon),
             bn_axis_name=bn_axis_name,

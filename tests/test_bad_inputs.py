@@ -349,6 +349,14 @@ def test_nothing_reads_pickles():
             assert word not in text, f"{path}: {word}"
 
 
+def test_unknown_remat_policy_names_the_field():
+    from murajax import train_state
+
+    config = helpers.tiny_config(**{"model.remat": "sometimes"})
+    with pytest.raises(UserError, match=r"config.model.remat must be one of .*'sometimes'"):
+        train_state.create_model(config)
+
+
 def test_unknown_conv_impl_names_the_field():
     from murajax import train_state
 

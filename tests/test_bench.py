@@ -77,6 +77,18 @@ def test_conv_impl_flag_reaches_the_model(tmp_path):
     assert convolutions["matmul"] < convolutions["xla"], convolutions
 
 
+def test_the_strategys_compile_keeps_remat_barriers():
+    """The real strategy compiles with ``parallel.xla_compiler_options()``: jax.checkpoint's
+    barriers survive into the compiled step (XLA:CPU otherwise strips them, and remat then saves
+    nothing; tests/test_models.py measures the memory)."""
+    barriers = {}
+    for policy in ("none", "bottleneck"):
+        session = bench.StepBench("densenet_tiny", 8, 32, remat=policy, log=lambda m: None)
+        session.compile_train()
+        barriers[policy] = session.train.as_text().count("opt-barrier")
+    assert barriers["none"] == 0 and barriers["bottleneck"] > 0, barriers
+
+
 def test_bad_arguments_are_user_errors(capsys):
     assert bench.main(["--model", "densenet_tiny", "--image-size", "32", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
