@@ -76,6 +76,9 @@ def _start_jax(config) -> None:
     logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.devices()[0].platform)
+    if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+        logging.info("host malloc uses transparent huge pages (GLIBC_TUNABLES=%s; "
+                     "MURAJAX_HUGE_PAGES=0 turns this off)", os.environ["GLIBC_TUNABLES"])
 
 
 def _print_summary(summary: dict) -> None:
@@ -127,4 +130,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    from murajax import host_memory
+
+    host_memory.reexec_with_huge_pages()  # before JAX starts; MURAJAX_HUGE_PAGES=0 turns it off
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

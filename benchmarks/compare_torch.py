@@ -109,6 +109,11 @@ def main(argv=None) -> int:
     parser.add_argument("--compilation-cache", default="")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
+    if argv is None:  # both workers inherit it: the same allocator setting as launch.py's
+        sys.path.insert(0, str(ROOT))
+        from murajax import host_memory
+
+        host_memory.reexec_with_huge_pages()
     worker_args = {"model": args.model, "batch_size": args.batch_size,
                    "image_size": args.image_size, "remat": args.remat,
                    "compilation_cache": args.compilation_cache}
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
     result = {"model": args.model, "batch_size": args.batch_size,
               "image_size": args.image_size, "remat": args.remat, "rounds": args.rounds,
               "steps_per_round": args.steps_per_round, "cpu_count": os.cpu_count(),
-              "load_averages": loads}
+              "load_averages": loads, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     for kind, (process, conn) in workers.items():
         conn.send(("report", 0))
         info = conn.recv()

@@ -337,6 +337,7 @@ def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
     if steps < 1 or warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
     result: dict[str, Any] = {
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "model": model, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
         "remat": models.remat_policy(remat), "parallelism": parallelism, "conv_impl": conv_impl,
         "steps": steps, "warmup": warmup,
@@ -462,6 +463,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if argv is None:  # as a command: measure what launch.py runs (host_memory's huge pages)
+        host_memory.reexec_with_huge_pages()
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -1,13 +1,69 @@
-"""This process's host memory figures (RSS) for benchmarks.
+"""Host memory: this process's RSS figures for benchmarks, and huge pages for XLA:CPU.
 
 Imports nothing but the standard library, so that a benchmark process of another framework
-(``benchmarks/compare_torch.py``'s PyTorch worker) can measure itself without loading JAX.
+(``benchmarks/compare_torch.py``'s PyTorch worker) can measure itself without loading JAX, and
+so that ``launch.py`` can re-execute itself before it loads anything heavy.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import resource
 import sys
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES_OPT_OUT = "MURAJAX_HUGE_PAGES"  # =0: never re-execute with the tunable
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _glibc_version() -> tuple[int, int] | None:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # e.g. 'glibc 2.36'
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def huge_pages_environment(environ=None, thp_setting: str = _THP_SETTING) -> dict | None:
+    """The environment in which glibc's malloc asks for transparent huge pages, or None where
+    that does not apply (already asked for, opted out, not Linux with glibc >= 2.35, THP off,
+    or an accelerator plugin installed or JAX_PLATFORMS naming a non-CPU platform).
+
+    XLA:CPU allocates a step's scratch memory afresh on every execution (hundreds of MB: glibc
+    ``mmap``s it and unmaps it on free), and faulting it in 4 KB at a time costs 11-18% of a
+    DenseNet-169 step (docs/performance.md, experiment 10). The tunable must be set before the
+    process starts, hence a re-execution.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    platforms = environ.get("JAX_PLATFORMS", "cpu").strip().lower()
+    if (environ.get(HUGE_PAGES_OPT_OUT, "1") == "0" or "glibc.malloc.hugetlb" in tunables
+            or not sys.platform.startswith("linux") or (_glibc_version() or (0, 0)) < (2, 35)
+            or not platforms.startswith("cpu") or importlib.util.find_spec("jax_plugins")):
+        return None
+    try:
+        with open(thp_setting) as f:
+            if "[never]" in f.read():
+                return None
+    except OSError:
+        return None
+    environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables \
+        else HUGE_PAGES_TUNABLE
+    environ[HUGE_PAGES_OPT_OUT] = "0"  # never twice, whatever glibc makes of the tunable
+    return environ
+
+
+def reexec_with_huge_pages() -> None:
+    """Replaces this process by the same command line with ``huge_pages_environment()``, where
+    that applies (same PID, so signals and supervisors are unaffected); else returns."""
+    environ = huge_pages_environment()
+    if environ is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
 
 
 def reset_peak_rss() -> bool:
