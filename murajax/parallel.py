@@ -18,6 +18,8 @@ and BatchNorm statistics are combined with collectives over the axis ``batch``.
 from __future__ import annotations
 
 import functools
+import os
+import re
 import time
 from typing import Callable
 
@@ -48,11 +50,14 @@ def xla_compiler_options() -> dict[str, str]:
     which then merges the recomputed forward pass back into the saved one: ``remat`` would keep
     every activation and save nothing (docs/performance.md, experiment 8). Keeping the barriers
     (XLA:CPU runs them as no-ops) makes remat work; a program without remat has none, so this
-    changes nothing else. It replaces any ``--xla_disable_hlo_passes`` given in ``XLA_FLAGS``.
+    changes nothing else. Passes disabled in ``XLA_FLAGS`` stay disabled (a per-program option
+    would otherwise replace them).
     """
-    if jax.default_backend() == "cpu":
-        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
-    return {}
+    if jax.default_backend() != "cpu":
+        return {}
+    flags = re.findall(r"--xla_disable_hlo_passes=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    passes = [p for value in flags for p in value.split(",") if p] + ["cse_barrier_expander"]
+    return {"xla_disable_hlo_passes": ",".join(dict.fromkeys(passes))}
 
 
 class CompiledOnFirstCall:

@@ -96,3 +96,14 @@ def test_bad_arguments_are_user_errors(capsys):
     if jax.device_count() > 1:
         assert bench.main(["--model", "densenet_tiny", "--image-size", "32",
                            "--batch-size", str(jax.device_count() + 1)]) == 2
+
+
+def test_compiler_options_keep_passes_the_user_disabled(monkeypatch):
+    from murajax import parallel
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
+                                    "--xla_disable_hlo_passes=algsimp,cse_barrier_expander")
+    assert parallel.xla_compiler_options() == {
+        "xla_disable_hlo_passes": "algsimp,cse_barrier_expander"}
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert parallel.xla_compiler_options() == {"xla_disable_hlo_passes": "cse_barrier_expander"}
