@@ -76,7 +76,9 @@ def _start_jax(config) -> None:
     logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.devices()[0].platform)
-    if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+    from murajax import host_memory
+
+    if host_memory.huge_pages_requested():
         logging.info("host malloc uses transparent huge pages (GLIBC_TUNABLES=%s; "
                      "MURAJAX_HUGE_PAGES=0 turns this off)", os.environ["GLIBC_TUNABLES"])
 

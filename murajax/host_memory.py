@@ -26,6 +26,12 @@ def _glibc_version() -> tuple[int, int] | None:
         return None
 
 
+def huge_pages_requested(environ=None) -> bool:
+    """Whether ``GLIBC_TUNABLES`` already sets glibc's huge-page tunable (ours or the user's)."""
+    environ = os.environ if environ is None else environ
+    return HUGE_PAGES_TUNABLE.split("=")[0] in environ.get("GLIBC_TUNABLES", "")
+
+
 def huge_pages_environment(environ=None, thp_setting: str = _THP_SETTING) -> dict | None:
     """The environment in which glibc's malloc asks for transparent huge pages, or None where
     that does not apply (already asked for, opted out, not Linux with glibc >= 2.35, THP off,
@@ -39,7 +45,7 @@ def huge_pages_environment(environ=None, thp_setting: str = _THP_SETTING) -> dic
     environ = dict(os.environ if environ is None else environ)
     tunables = environ.get("GLIBC_TUNABLES", "")
     platforms = environ.get("JAX_PLATFORMS", "cpu").strip().lower()
-    if (environ.get(HUGE_PAGES_OPT_OUT, "1") == "0" or "glibc.malloc.hugetlb" in tunables
+    if (environ.get(HUGE_PAGES_OPT_OUT, "1") == "0" or huge_pages_requested(environ)
             or not sys.platform.startswith("linux") or (_glibc_version() or (0, 0)) < (2, 35)
             or not platforms.startswith("cpu") or importlib.util.find_spec("jax_plugins")):
         return None
