@@ -39,8 +39,8 @@ CONV_IMPLS = ("auto", "matmul", "xla")
 # What the backward pass recomputes instead of storing: nothing; each dense layer's
 # concatenation -> BN -> ReLU (cheap elementwise work); or the whole layer minus its 3x3 output
 # (adds the 1x1 matmul again). 'auto': 'bottleneck' on CPU, where it is also faster (XLA:CPU
-# pays page faults on every step's scratch memory), 'none' elsewhere. docs/performance.md has
-# their memory and time.
+# streams and faults in less scratch memory every step), 'none' elsewhere.
+# docs/performance.md has their memory and time.
 REMAT_POLICIES = ("auto", "none", "bottleneck", "layer")
 
 
