@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import default as default_config
 from murajax import host_memory, models, optim, parallel, train_state
+from murajax.configs import default as default_config
 from murajax.errors import UserError
 
 NUM_STUDY_TYPES = 7
@@ -456,14 +456,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--real-init", action="store_true",
                         help="initialise with model.init (compiles it) instead of NumPy draws")
     parser.add_argument("--compilation-cache", default="",
-                        help="JAX persistent compilation cache folder (as launch.py sets)")
+                        help="JAX persistent compilation cache folder (as murajax sets)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if argv is None:  # as a command: measure what launch.py runs (host_memory's huge pages)
+    if argv is None:  # as a command: measure what murajax runs (host_memory's huge pages)
         host_memory.reexec_with_huge_pages()
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))

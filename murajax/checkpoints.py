@@ -119,7 +119,7 @@ class Checkpointer:
         if read_only and not self.directory.is_dir():
             raise UserError(
                 f"no checkpoints in {self.directory}: train first "
-                f"(python launch.py --workdir {Path(workdir)}) or point --workdir at a trained run"
+                f"(murajax --workdir {Path(workdir)}) or point --workdir at a trained run"
             )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=LatestAndBest(n=max(int(keep_best), 1)),

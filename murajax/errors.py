@@ -2,8 +2,8 @@
 
 Anything a user can fix (a bad path, a malformed CSV row, a corrupt image, a bad config value)
 raises ``UserError`` with a message that names the file, row or field and says how to fix it.
-``launch.py`` prints such messages without a traceback; everything else is a bug and keeps its
-traceback.
+The ``murajax`` command prints such messages without a traceback; everything else is a bug
+and keeps its traceback.
 """
 
 

@@ -1,6 +1,6 @@
 """Evaluation as in the MURA paper: study-level metrics, bootstrap CIs, reports, reader comparison.
 
-Everything here is numpy-only and pure (no JAX, no checkpoints): ``launch.py --mode=evaluate``
+Everything here is numpy-only and pure (no JAX, no checkpoints): ``murajax --mode=evaluate``
 restores the checkpoints, runs the model to get one probability per image, and hands the result
 to these functions.
 
@@ -894,18 +894,43 @@ __all__ = [
 ]
 
 
-# ---- evaluating a trained run (launch.py --mode=evaluate) ---------------------------------------
+# ---- evaluating a trained run (murajax --mode=evaluate) ----------------------------------------
 
 
-def evaluation_config(flag_config, workdir: str | os.PathLike):
-    """The run's saved config, with the ``eval`` section (and a non-empty ``data.root``) taken
-    from the command line, so ``--config.eval.split=train`` and the like apply."""
+def evaluation_config(overrides, workdir: str | os.PathLike):
+    """The run's saved config (``<workdir>/config.json``) with ``overrides`` on top.
+
+    ``overrides`` maps dotted field names to values, e.g. ``{"eval.ensemble_top_k": 3}``: the
+    command line passes the ``--config.<field>`` flags given explicitly, so a run trained with
+    ``eval.ensemble_top_k=3`` evaluates with 3 unless that flag is given. Model fields cannot
+    be overridden (the checkpoints hold the run's model). A ``ConfigDict`` (the Python API's
+    older form) contributes its whole ``eval`` section and a non-empty ``data.root``.
+    """
+    import ml_collections
+
     from murajax import checkpoints
 
     config = checkpoints.load_run_config(workdir)
-    config.eval = flag_config.eval
-    if flag_config.data.root:
-        config.data.root = flag_config.data.root
+    if isinstance(overrides, ml_collections.ConfigDict):
+        config.eval = overrides.eval
+        if overrides.data.root:
+            config.data.root = overrides.data.root
+        return config
+    saved = os.path.join(str(workdir), checkpoints.CONFIG_FILE)
+    for field, value in (overrides or {}).items():
+        *parents, leaf = field.split(".")
+        if parents and parents[0] == "model":
+            raise UserError(f"--config.{field}: evaluation uses the model the run was trained "
+                            f"with ({saved}); model fields cannot be overridden")
+        section = config
+        for name in parents:
+            section = section.get(name) if isinstance(section, ml_collections.ConfigDict) else None
+        if not isinstance(section, ml_collections.ConfigDict) or leaf not in section:
+            raise UserError(f"--config.{field}: no such field in the run's config ({saved})")
+        try:
+            section[leaf] = value
+        except TypeError as e:
+            raise UserError(f"--config.{field}={value!r}: {e}") from None
     return config
 
 
@@ -923,16 +948,17 @@ def predict_split(predictor, index, data_config, batch_size: int) -> np.ndarray:
     return probabilities
 
 
-def evaluate_workdir(flag_config, workdir: str | os.PathLike, readers: str = "") -> str:
+def evaluate_workdir(overrides, workdir: str | os.PathLike, readers: str = "") -> str:
     """Scores a run's best checkpoint (or top-k ensemble) on ``config.eval.split`` and writes
     ``<workdir>/eval/<split>/``: report.json, report.md, predictions.csv, roc.png,
-    calibration.png. Returns that folder."""
+    calibration.png. Returns that folder. The config is the run's own with ``overrides``
+    (dotted field -> value, or None) applied: see ``evaluation_config``."""
     from absl import logging
 
     from murajax import inference
     from murajax.data import mura
 
-    config = evaluation_config(flag_config, workdir)
+    config = evaluation_config(overrides, workdir)
     top_k = int(config.eval.ensemble_top_k)
     if top_k < 1:
         raise UserError(f"config.eval.ensemble_top_k must be >= 1, got {top_k}")

@@ -2,7 +2,7 @@
 
 Imports nothing but the standard library, so that a benchmark process of another framework
 (``benchmarks/compare_torch.py``'s PyTorch worker) can measure itself without loading JAX, and
-so that ``launch.py`` can re-execute itself before it loads anything heavy.
+so that the ``murajax`` command can re-execute itself before it loads anything heavy.
 """
 
 from __future__ import annotations

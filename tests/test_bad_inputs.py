@@ -256,9 +256,9 @@ def _launch(*flags):
 
 @pytest.mark.parametrize("flags,names", [
     (["--config.nonexistent=1"], ["--config.nonexistent"]),
-    (["--config", "configs/smoke.py", "--config.data.rootx=/data"],
+    (["--config", "smoke", "--config.data.rootx=/data"],
      ["--config.data.rootx", "did you mean 'root'"]),
-    (["--config=configs/default.py", "--config.batch_sise=8"],
+    (["--config=default", "--config.batch_sise=8"],
      ["--config.batch_sise", "did you mean 'batch_size'"]),
 ])
 def test_unknown_config_key_is_refused_without_a_traceback(flags, names):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import smoke
+from murajax.configs import smoke
 from murajax import train
 
 

@@ -3,7 +3,6 @@
 import csv
 import importlib.util
 import tracemalloc
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -289,12 +288,10 @@ def test_single_files_and_dicom_are_accepted(tmp_path, tree, model, members):
 
 
 def _default_config():
-    """configs/default.py with the tiny model at the test image size."""
-    spec = importlib.util.spec_from_file_location(
-        "default_config", Path(__file__).parents[1] / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    """murajax/configs/default.py with the tiny model at the test image size."""
+    from murajax.configs import default
+
+    config = default.get_config()
     config.model.name = "densenet_tiny"
     config.data.image_size = SIZE
     config.eval_batch_size = 2

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from murajax.configs import default
 from murajax import optim
 
 

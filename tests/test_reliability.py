@@ -98,7 +98,7 @@ def _driver_command(workdir, overrides):
 
 def _launch_command(workdir, overrides):
     flags = [f"--config.{key}={value}" for key, value in overrides.items()]
-    return [sys.executable, "launch.py", "--config", "configs/smoke.py", *flags,
+    return [sys.executable, "launch.py", "--config", "smoke", *flags,
             f"--workdir={workdir}"]
 
 

@@ -153,9 +153,9 @@ def test_predictor_probabilities_equal_eval_step(mura_root, uninterrupted):
 
 
 def test_accelerator_config_trains_in_bfloat16_with_remat(mura_root, tmp_path):
-    """configs/accelerator.py (bfloat16 compute, remat, float32 params and loss) runs end to
+    """murajax/configs/accelerator.py (bfloat16 compute, remat, float32 params and loss) runs end to
     end; only its size is scaled down (tiny model, batch 8, no worker processes)."""
-    from configs import accelerator
+    from murajax.configs import accelerator
 
     config = accelerator.get_config()
     assert config.model.dtype == "bfloat16" and config.model.remat

@@ -3,8 +3,7 @@ learning rate x0.1 whenever an epoch's validation loss fails to improve, flips a
 rotations, the 5 lowest-validation-loss checkpoints kept for the ensemble.
 
 Train on real MURA with
-    python launch.py --config configs/default.py --config.data.root=/path/to/MURA-v1.1 \
-        --workdir runs/mura
+    murajax --config=default --config.data.root=/path/to/MURA-v1.1 --workdir runs/mura
 """
 
 import ml_collections

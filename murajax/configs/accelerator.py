@@ -4,7 +4,7 @@ Params, loss and metrics stay float32. The learning rate scales linearly with th
 (1e-4 at 8 -> 3.2e-3 at 256); lower it if the first epochs diverge.
 """
 
-from configs import default
+from murajax.configs import default
 
 
 def get_config():

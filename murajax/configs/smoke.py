@@ -4,7 +4,7 @@ Same code path as the paper's recipe (weighted loss, plateau rule, checkpoints, 
 metrics), scaled to finish in about three minutes on two CPU cores.
 """
 
-from configs import default
+from murajax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The earlier version of the MURA paper: the same recipe at 224x224."""
 
-from configs import default
+from murajax.configs import default
 
 
 def get_config():
