@@ -27,7 +27,8 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from murajax import checkpoints, evaluate, optim, parallel, steps, train_state, writers
+from murajax import (checkpoints, evaluate, optim, parallel, steps, train_state, workdir_lock,
+                     writers)
 from murajax.data import mura, pipeline
 from murajax.errors import UserError
 
@@ -77,8 +78,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> DataSplits
     return splits
 
 
-def _finite_loss(strategy, metrics, step: int, epoch: int, last_saved: int | None) -> float:
-    loss = float(strategy.host_state(metrics).loss.compute())
+def _finite_loss(metrics, step: int, epoch: int, last_saved: int | None) -> float:
+    loss = float(metrics.loss.compute())
     if not np.isfinite(loss):
         saved = f"step {last_saved}" if last_saved is not None else "none yet"
         raise NonFiniteLossError(
@@ -153,20 +154,20 @@ class _StopRequest:
 
 
 def _log_train(writer, progress_line, strategy, state, window, step, epoch, last_saved):
-    loss = _finite_loss(strategy, window, step, epoch, last_saved)
+    loss = _finite_loss(window, step, epoch, last_saved)
     rate = float(optim.learning_rate(strategy.host_state(state).opt_state))
     ips = progress_line.images_per_second(step)
     progress_line.report(step, epoch, loss, rate, ips)
     writer.write(step, "train", epoch=epoch, loss=loss, learning_rate=rate,
-                 accuracy=float(strategy.host_state(window).accuracy.compute()),
+                 accuracy=float(window.accuracy.compute()),
                  images_per_second=ips)
 
 
-def _window_to_json(strategy, window) -> dict | None:
+def _window_to_json(window) -> dict | None:
     """The train metrics accumulated since the last log line, so a resumed run logs the same."""
     if window is None:
         return None
-    window = jax.device_get(strategy.host_state(window))
+    window = jax.device_get(window)
     return {name: [float(getattr(window, name).total), int(getattr(window, name).count)]
             for name in steps.TrainMetrics.__annotations__}
 
@@ -223,9 +224,16 @@ def _restore_or_start(config, workdir: Path, strategy, checkpointer, model, tx, 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains (or resumes) a run in ``workdir``; returns a summary of the last validation."""
+    """Trains (or resumes) a run in ``workdir``; returns a summary of the last validation.
+
+    Holds the workdir's lock (``workdir_lock``) throughout: a second run on it is refused."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock.hold_workdir(workdir):
+        return _train_and_evaluate_locked(config, workdir)
+
+
+def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     checkpoints.check_compatible(workdir, config)
     if config.data.image_size < MIN_IMAGE_SIZE:  # source images of any size are resized to it
         raise UserError(
@@ -279,8 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 window = _window_from_json(progress.get("window"))
                 for batch in loader:
                     state, metrics = strategy.train_step(state, strategy.shard_batch(batch))
+                    # One logical copy (pmap returns one per device), as a restored window is.
+                    metrics = strategy.host_state(metrics)
                     if pending is not None:  # check the previous step while this one runs
-                        _finite_loss(strategy, pending, step, epoch, last_saved)
+                        _finite_loss(pending, step, epoch, last_saved)
                     step += 1
                     pending = metrics
                     window = metrics if window is None else window.merge(metrics)
@@ -294,10 +304,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     if end_of_epoch:
                         break  # the epoch-end checkpoint follows validation
                     if stopping or step % config.checkpoint_every_steps == 0:
-                        _finite_loss(strategy, pending, step, epoch, last_saved)
+                        _finite_loss(pending, step, epoch, last_saved)
                         checkpointer.save(step, strategy.host_state(state), loader.get_state(),
                                           {**progress, "epoch": epoch, "val_loss": None,
-                                           "window": _window_to_json(strategy, window)})
+                                           "window": _window_to_json(window)})
                         last_saved = step
                     if stopping:
                         break
@@ -308,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     break
 
                 # End of epoch: validate, adjust the rate, save with the validation loss.
-                _finite_loss(strategy, pending, step, epoch, last_saved)
+                _finite_loss(pending, step, epoch, last_saved)
                 val = evaluate_split(strategy, state, data.valid, config)
                 host = strategy.host_state(state)
                 host = steps.apply_plateau(host, val["loss"], config.optim)
