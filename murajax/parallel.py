@@ -157,6 +157,7 @@ class PmapStrategy:
 
     def __init__(self):
         self.devices = jax.local_devices()
+        self._replicate = jax.pmap(lambda _, state: state, in_axes=(0, None), devices=self.devices)
         self.train_step = CompiledOnFirstCall(jax.pmap(
             functools.partial(steps.train_step, axis_name=PMAP_AXIS),
             axis_name=PMAP_AXIS,
@@ -170,9 +171,12 @@ class PmapStrategy:
         return self.place_state(jax.jit(init_fn)())
 
     def place_state(self, state):
-        n = len(self.devices)
-        stacked = jax.tree.map(lambda x: jax.numpy.broadcast_to(x, (n,) + x.shape), state)
-        return jax.pmap(lambda x: x, devices=self.devices)(stacked)
+        """One replica per local device, from a state in any layout: fresh from ``jit``,
+        restored from a checkpoint, or ``host_state`` of a pmapped state (which JAX keeps
+        replicated over the pmap's devices, a layout that ``pmap`` refuses as a mapped input).
+        An unmapped (``in_axes=None``) argument is broadcast by ``pmap`` itself from any
+        layout, so the replicas come from the one function that will consume them."""
+        return self._replicate(np.zeros(len(self.devices), np.int8), state)
 
     def host_state(self, state):
         return jax.tree.map(lambda x: x[0], state)

@@ -69,10 +69,12 @@ def _collect(collection, outputs: dict, mask: jax.Array, axis_name):
     return collection.gather_from_model_output(axis_name=axis_name, **values)
 
 
-def train_step(
-    state: TrainState, batch: dict, axis_name=None
-) -> tuple[TrainState, TrainMetrics]:
-    """One Adam update on the mean weighted loss over the (global) batch's unmasked examples."""
+def compute_gradients(state: TrainState, batch: dict, axis_name=None):
+    """Gradients of the mean weighted loss over the (global) batch's unmasked examples.
+
+    Returns ``(grads, outputs, batch_stats)``: the gradients (summed over devices under
+    ``pmap``), the per-example outputs and the BatchNorm statistics updated by this batch.
+    """
     mask = batch["mask"].astype(jnp.float32)
     # The global number of real examples: each device's share of the mean is its sum over it,
     # so that summing gradients over devices gives the gradient of the global mean.
@@ -91,9 +93,16 @@ def train_step(
         return jnp.sum(outputs["loss"] * mask) / count, (outputs, updates["batch_stats"])
 
     grads, (outputs, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads = _psum(grads, axis_name)
+    return _psum(grads, axis_name), outputs, batch_stats
+
+
+def train_step(
+    state: TrainState, batch: dict, axis_name=None
+) -> tuple[TrainState, TrainMetrics]:
+    """One Adam update on the mean weighted loss over the (global) batch's unmasked examples."""
+    grads, outputs, batch_stats = compute_gradients(state, batch, axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return new_state, _collect(TrainMetrics, outputs, mask, axis_name)
+    return new_state, _collect(TrainMetrics, outputs, batch["mask"].astype(jnp.float32), axis_name)
 
 
 def eval_step(

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from configs import smoke
+from murajax.configs import smoke
 from murajax import optim, train_state
 
 IMAGE_SIZE = 32
@@ -49,29 +49,12 @@ def random_batch(batch_size, seed=0, image_size=IMAGE_SIZE, masked=()):
     }
 
 
-# Adam moves each weight by about lr * g / (|g| + eps). With the default eps (1e-8), a gradient
-# that is almost exactly zero, computed with its sums split differently across devices, can
-# flip sign in its last bits and move that weight by a whole step. Tests that compare device
-# layouts use this eps so they check the collectives rather than that amplification.
-LAYOUT_TEST_EPS = 1e-4
-
-
-def assert_params_close(actual, expected, learning_rate, num_steps):
-    """Params of two runs that differ only in float32 summation order.
-
-    At least 99.9% of the weights agree to 1% of a step per step; none is further apart than
-    the sign flips described above could make it (2 steps per step).
-    """
-    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(actual)])
-    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(expected)])
-    assert a.shape == b.shape
-    difference = np.abs(a - b)
-    assert difference.max() <= 2 * learning_rate * num_steps, difference.max()
-    close = np.mean(difference <= 0.01 * learning_rate * num_steps)
-    assert close >= 0.999, f"only {close:.4%} of the weights agree to 1% of a step"
-
-
-def assert_batch_stats_close(actual, expected):
-    """Running variances are E[x^2] - E[x]^2 over the batch: the subtraction cancels digits."""
-    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6)
+# A float32 sum of n terms in another order differs by about sqrt(n) * eps relative to the
+# terms' magnitude (n * eps in the worst case). Device layouts (one device, a 4-device mesh,
+# pmap, two processes) differ only in how such sums are split. The largest reductions in the
+# tiny model are BatchNorm's per-channel sums over batch x height x width (8 x 16 x 16 = 2048
+# terms at 32 px: sqrt(n) * eps = 45 eps), and a gradient passes through a forward and a
+# backward chain of them. 256 eps (3.1e-5) bounds that with margin. Measured on an AVX-512
+# machine with --xla_cpu_max_isa unset, AVX2 and SSE4_2: losses 6-16 eps, gradients 22-27 eps
+# (relative global norm), BatchNorm statistics under 7 eps per layer.
+ROUNDING = 256 * float(np.finfo(np.float32).eps)
