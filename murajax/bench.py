@@ -5,6 +5,10 @@
         [--steps 10] [--warmup 2] [--no-eval] [--pipeline/--no-pipeline]
         [--compilation-cache DIR] [--json FILE]
 
+(absl flags, murajax/command_flags.py: ``--help`` lists them; ``--batch_size`` works too.)
+This module owns the benchmark: building a bench state, timing the compiled steps, the table
+and the JSON.
+
 What it measures, in one process:
 
 * the train step (``murajax.parallel`` strategy's ``train_step``, i.e. ``steps.train_step``
@@ -30,7 +34,6 @@ Images are random normal; the step's cost does not depend on the values.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -41,13 +44,15 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from murajax import host_memory, models, optim, parallel, train_state
+from murajax import command_flags, host_memory, models, optim, parallel, train_state
 from murajax.configs import default as default_config
 from murajax.errors import UserError
 
@@ -87,7 +92,7 @@ def _loss_weights() -> np.ndarray:
 
 def init_state(config, strategy, *, real_init: bool = False, seed: int = 0):
     """A TrainState with ``create_train_state``'s structure, placed for ``strategy``."""
-    model = train_state.create_model(config, bn_axis_name=strategy.bn_axis_name)
+    model = train_state.model_from_config(config, bn_axis_name=strategy.bn_axis_name)
     tx = optim.create_optimizer(config.optim)
     init_fn = functools.partial(
         train_state.create_train_state, jax.random.key(seed), model, tx,
@@ -339,7 +344,7 @@ def run(model: str = "densenet169", batch_size: int = 8, image_size: int = 224,
     result: dict[str, Any] = {
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "model": model, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
-        "remat": models.remat_policy(remat), "parallelism": parallelism, "conv_impl": conv_impl,
+        "remat": models.resolve_remat(remat), "parallelism": parallelism, "conv_impl": conv_impl,
         "steps": steps, "warmup": warmup,
         **environment(),
     }
@@ -432,33 +437,46 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m murajax.bench",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="densenet169", choices=sorted(models.VARIANTS))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--remat", nargs="?", const="bottleneck", default="auto",
-                        choices=list(models.REMAT_POLICIES),
-                        help="what the backward pass recomputes (config.model.remat); "
-                             "bare --remat: bottleneck")
-    parser.add_argument("--parallelism", default="jit", choices=["jit", "pmap"])
-    parser.add_argument("--conv-impl", default="auto", choices=list(models.CONV_IMPLS),
-                        help="how convolutions run (config.model.conv_impl)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--no-eval", dest="eval_steps", action="store_false",
-                        help="skip the eval step (saves its compile)")
-    parser.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure the input pipeline")
-    parser.add_argument("--pipeline-studies", type=int, default=40)
-    parser.add_argument("--real-init", action="store_true",
-                        help="initialise with model.init (compiles it) instead of NumPy draws")
-    parser.add_argument("--compilation-cache", default="",
-                        help="JAX persistent compilation cache folder (as murajax sets)")
-    parser.add_argument("--json", default="", help="also write the results to this file")
-    return parser.parse_args(argv)
+def _define_flags(values) -> None:
+    """The command's flags, as users spell them (``--batch-size``; underscores work too)."""
+    f = values
+    flags.DEFINE_enum("model", "densenet169", list(models.names()), "the model (config.model.name)",
+                      flag_values=f)
+    flags.DEFINE_integer("batch-size", 8, "global batch size", flag_values=f)
+    flags.DEFINE_integer("image-size", 224, "input size in pixels", flag_values=f)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype",
+                      flag_values=f)
+    flags.DEFINE_enum("remat", "auto", list(models.REMAT_POLICIES),
+                      "what the backward pass recomputes (config.model.remat); bare --remat: "
+                      "bottleneck", flag_values=f)
+    flags.DEFINE_enum("parallelism", "jit", ["jit", "pmap"], "config.parallelism",
+                      flag_values=f)
+    flags.DEFINE_enum("conv-impl", "auto", list(models.CONV_IMPLS),
+                      "how convolutions run (config.model.conv_impl)", flag_values=f)
+    flags.DEFINE_integer("steps", 10, "timed steps (median reported)", flag_values=f)
+    flags.DEFINE_integer("warmup", 2, "untimed steps before them", flag_values=f)
+    flags.DEFINE_bool("eval", True, "also time the eval step (--no-eval saves its compile)",
+                      flag_values=f)
+    flags.DEFINE_bool("pipeline", True, "also measure the input pipeline", flag_values=f)
+    flags.DEFINE_integer("pipeline-studies", 40, "synthetic studies for the pipeline benchmark",
+                         flag_values=f)
+    flags.DEFINE_bool("real-init", False,
+                      "initialise with model.init (compiles it) instead of NumPy draws",
+                      flag_values=f)
+    flags.DEFINE_string("compilation-cache", "",
+                        "JAX persistent compilation cache folder (as murajax sets)",
+                        flag_values=f)
+    flags.DEFINE_string("json", "", "also write the results to this file", flag_values=f)
+
+
+def parse_args(argv=None) -> types.SimpleNamespace:
+    """The arguments (default ``sys.argv[1:]``) as attributes: ``batch_size``, ...,
+    ``eval_steps`` (``--[no-]eval``). ``--help`` exits 0, a bad argument 2."""
+    values = command_flags.parse("python -m murajax.bench", __doc__.splitlines()[0],
+                                 _define_flags, argv, optional_values={"remat": "bottleneck"})
+    args = {name.replace("-", "_"): values[name].value for name in values}
+    args["eval_steps"] = args.pop("eval")
+    return types.SimpleNamespace(**args)
 
 
 def main(argv=None) -> int:

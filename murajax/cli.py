@@ -217,16 +217,16 @@ def _run(argv, help_wanted: str | None = None) -> int:
 
             _print_summary(train.train_and_evaluate(config, _WORKDIR.value))
         elif _MODE.value == "evaluate":
-            from murajax import evaluate
+            from murajax.modes import evaluate
 
             report_dir = evaluate.evaluate_workdir(overrides, _WORKDIR.value,
                                                    readers=_READERS.value)
             print(f"evaluation report: {report_dir}", flush=True)
         else:
-            from murajax import inference
+            from murajax.modes import predict
 
-            inference.run_predict(_WORKDIR.value, _INPUT.value, _OUTPUT.value, cam=_CAM.value,
-                                  **options)
+            predict.run_predict(_WORKDIR.value, _INPUT.value, _OUTPUT.value, cam=_CAM.value,
+                                **options)
     except UserError as e:
         print(f"murajax: error: {e}", file=sys.stderr, flush=True)
         return 2

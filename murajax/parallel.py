@@ -5,7 +5,8 @@ is in use:
 
 * ``init_state(init_fn)``: build the state directly in its distributed layout;
 * ``place_state(state)``: put a host/restored state into that layout;
-* ``host_state(state)``: the single logical copy (for checkpoints, evaluation, inference);
+* ``one_copy(tree)``: the single logical copy of a state or of step outputs (for checkpoints,
+  logging, evaluation): the global arrays themselves under jit, device 0's replica under pmap;
 * ``shard_batch(local_batch)``: this process's batch -> the step's input;
 * ``train_step`` and ``eval_step``: compiled once each, state donated to ``train_step``.
 
@@ -37,6 +38,13 @@ _BARRIER_TIMEOUT_MS = 30 * 60 * 1000
 
 
 def _wait_for_other_processes(name: str) -> None:
+    """A barrier on JAX's coordination service, which may wait ``_BARRIER_TIMEOUT_MS``.
+
+    The one private JAX API murajax uses: the public barrier
+    (``multihost_utils.sync_global_devices``) is a device collective, which CPU collectives
+    (gloo) abandon after 30 s, and one process's compile can be minutes later than another's.
+    JAX exposes the coordination client only as ``jax._src.distributed.global_state``.
+    """
     if jax.process_count() > 1:
         from jax._src import distributed
 
@@ -136,8 +144,9 @@ class JitStrategy:
     def place_state(self, state):
         return jax.device_put(state, self.replicated)
 
-    def host_state(self, state):
-        return state
+    def one_copy(self, tree):
+        """Global arrays are already one logical copy (still on the devices, not fetched)."""
+        return tree
 
     def shard_batch(self, local_batch: dict) -> dict:
         return {
@@ -172,14 +181,15 @@ class PmapStrategy:
 
     def place_state(self, state):
         """One replica per local device, from a state in any layout: fresh from ``jit``,
-        restored from a checkpoint, or ``host_state`` of a pmapped state (which JAX keeps
+        restored from a checkpoint, or ``one_copy`` of a pmapped state (which JAX keeps
         replicated over the pmap's devices, a layout that ``pmap`` refuses as a mapped input).
         An unmapped (``in_axes=None``) argument is broadcast by ``pmap`` itself from any
         layout, so the replicas come from the one function that will consume them."""
         return self._replicate(np.zeros(len(self.devices), np.int8), state)
 
-    def host_state(self, state):
-        return jax.tree.map(lambda x: x[0], state)
+    def one_copy(self, tree):
+        """Device 0's replica of every leaf (still on the devices, not fetched)."""
+        return jax.tree.map(lambda x: x[0], tree)
 
     def shard_batch(self, local_batch: dict) -> dict:
         n = len(self.devices)

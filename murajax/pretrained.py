@@ -4,7 +4,8 @@
 (no Keras or TensorFlow at run time) and returns a copy of ``variables`` (``{'params': ...,
 'batch_stats': ...}`` of :class:`murajax.models.DenseNet`) with every backbone parameter and
 BatchNorm statistic replaced by the file's; the ``head`` (and any other collection) is kept from
-``variables``. ``variables`` may be real arrays or the ``jax.ShapeDtypeStruct`` tree of
+``variables``. It is the weight importer the DenseNets register (``murajax.models.get(name)
+.load_weights``), which is how training's ``config.init_from`` reaches it. ``variables`` may be real arrays or the ``jax.ShapeDtypeStruct`` tree of
 ``jax.eval_shape(model.init, ...)``; only shapes and dtypes are read from backbone leaves, and
 loaded arrays take the leaf's dtype.
 
@@ -21,7 +22,7 @@ File formats read:
   auto-generated names, so convolutions and BatchNorms are matched by creation order, which for
   ``keras.applications.DenseNet*`` is the architecture's order.
 
-Name mapping (see ``murajax.models``): ``stem_conv``/``stem_bn`` <- ``conv1_conv``/``conv1_bn``;
+Name mapping (see ``murajax.models.densenet``): ``stem_conv``/``stem_bn`` <- ``conv1_conv``/``conv1_bn``;
 ``conv{B}_block{L}/bottleneck/norm``, ``/bottleneck/conv``, ``/norm``, ``/conv`` <-
 ``conv{B}_block{L}_0_bn``, ``_1_conv``, ``_1_bn``, ``_2_conv``; ``pool{B}/norm``, ``/conv`` <-
 ``pool{B}_bn``, ``pool{B}_conv``; ``final_bn`` <- ``bn``. BatchNorm ``gamma``, ``beta``,
@@ -34,10 +35,10 @@ a DenseNet-169), a missing layer or weight, or a shape that does not fit raises 
 does not fit, with the expected and found shapes. A missing or unreadable file is a UserError too.
 
 BatchNorm epsilon: Keras DenseNets normalise with epsilon 1.001e-5, which is the model default
-``DenseNet.bn_epsilon`` (``models.KERAS_BN_EPSILON``). Weights from Keras should be used with
-that epsilon (torchvision's 1e-5 shifts outputs slightly). The epsilon cannot be seen in
-``variables``; pass ``model=`` and ``load_keras_weights`` raises a UserError if the model's
-``bn_epsilon`` differs.
+``DenseNet.bn_epsilon`` (``models.KERAS_BN_EPSILON``) and ``config.model.bn_epsilon``'s. Weights
+from Keras should be used with that epsilon (torchvision's 1e-5 shifts outputs slightly). The
+epsilon cannot be seen in ``variables``; pass ``model=`` (training does) and
+``load_keras_weights`` raises a UserError if the model's ``bn_epsilon`` differs.
 
 The input convention is the caller's business: Keras DenseNet ImageNet weights expect
 ``keras.applications.densenet.preprocess_input`` ("torch" mode: RGB in [0, 1], then ImageNet
@@ -57,7 +58,7 @@ from flax import traverse_util
 from flax.core import FrozenDict, unfreeze
 
 from murajax.errors import UserError
-from murajax.models import KERAS_BN_EPSILON
+from murajax.models.densenet import KERAS_BN_EPSILON
 
 __all__ = ["load_keras_weights", "keras_layer_name"]
 
@@ -267,8 +268,9 @@ def load_keras_weights(path: str | os.PathLike, variables: Any, *, model: Any = 
         if not np.isclose(epsilon, KERAS_BN_EPSILON, rtol=0, atol=1e-12):
             raise UserError(
                 f"Keras weights from {path} need BatchNorm epsilon {KERAS_BN_EPSILON} (Keras "
-                f"DenseNet), but the model uses bn_epsilon={epsilon}. Build the model with "
-                f"bn_epsilon={KERAS_BN_EPSILON} (the DenseNet default)."
+                f"DenseNet), but the model uses bn_epsilon={epsilon} (config.model.bn_epsilon). "
+                f"Set config.model.bn_epsilon={KERAS_BN_EPSILON} (the DenseNet default), or "
+                f"build the model with bn_epsilon={KERAS_BN_EPSILON}."
             )
     if not os.path.exists(path):
         raise UserError(f"Keras weight file {path} does not exist.")

@@ -1,4 +1,8 @@
-"""Pure training and evaluation steps: the paper's weighted loss, one Adam update, one eval batch.
+"""Pure training and evaluation steps: gradients of the recipe's loss, one Adam update, one
+eval batch.
+
+The loss itself is the state's recipe (``murajax.recipes``, the paper's weighted BCE by
+default): these steps only mask, average, differentiate and collect metrics.
 
 Nothing here is jitted, sharded or stateful: ``murajax.parallel`` wraps these same functions in
 ``jax.jit`` over a device mesh or in ``jax.pmap``. Under ``pmap`` the caller passes the mapped
@@ -21,44 +25,23 @@ from murajax.train_state import TrainState
 
 
 @flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
+class StepMetrics(metrics.Collection):
+    """Mean loss and accuracy over a batch's unmasked examples (train and eval alike)."""
+
     loss: metrics.Average.from_output("loss")
     accuracy: metrics.Average.from_output("correct")
-
-
-@flax.struct.dataclass
-class EvalMetrics(metrics.Collection):
-    loss: metrics.Average.from_output("loss")
-    accuracy: metrics.Average.from_output("correct")
-
-
-def example_weights(loss_weights: jax.Array, study_type: jax.Array, label: jax.Array) -> jax.Array:
-    """w_T1 for abnormal, w_T0 for normal images of study type T; 1 where the type is unknown."""
-    known = study_type >= 0
-    weights = loss_weights[jnp.where(known, study_type, 0), jnp.clip(label, 0, 1)]
-    return jnp.where(known, weights, 1.0)
-
-
-def weighted_bce(logits: jax.Array, label: jax.Array, weights: jax.Array) -> jax.Array:
-    """Per-example -w [y log p + (1-y) log(1-p)], p = sigmoid(logit), in float32."""
-    logits = logits.astype(jnp.float32)
-    y = label.astype(jnp.float32)
-    log_p = jax.nn.log_sigmoid(logits)
-    log_not_p = jax.nn.log_sigmoid(-logits)
-    return -weights * (y * log_p + (1.0 - y) * log_not_p)
 
 
 def _psum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _per_example_outputs(state: TrainState, logits: jax.Array, batch: dict) -> dict:
-    logits = logits[:, 0].astype(jnp.float32)
-    weights = example_weights(state.loss_weights, batch["study_type"], batch["label"])
+def _per_example_outputs(state: TrainState, logits: jax.Array, batch: dict, loss_fn) -> dict:
+    logits = logits.astype(jnp.float32)
     return {
-        "logits": logits,
-        "loss": weighted_bce(logits, batch["label"], weights),
-        "correct": ((logits > 0).astype(jnp.int32) == batch["label"]).astype(jnp.float32),
+        "logits": logits[:, 0],
+        "loss": loss_fn(logits, batch, state),
+        "correct": ((logits[:, 0] > 0).astype(jnp.int32) == batch["label"]).astype(jnp.float32),
     }
 
 
@@ -70,7 +53,7 @@ def _collect(collection, outputs: dict, mask: jax.Array, axis_name):
 
 
 def compute_gradients(state: TrainState, batch: dict, axis_name=None):
-    """Gradients of the mean weighted loss over the (global) batch's unmasked examples.
+    """Gradients of the mean recipe loss over the (global) batch's unmasked examples.
 
     Returns ``(grads, outputs, batch_stats)``: the gradients (summed over devices under
     ``pmap``), the per-example outputs and the BatchNorm statistics updated by this batch.
@@ -89,7 +72,7 @@ def compute_gradients(state: TrainState, batch: dict, axis_name=None):
             mutable=["batch_stats"],
             rngs={"dropout": dropout_rng},
         )
-        outputs = _per_example_outputs(state, logits, batch)
+        outputs = _per_example_outputs(state, logits, batch, state.recipe.train_loss)
         return jnp.sum(outputs["loss"] * mask) / count, (outputs, updates["batch_stats"])
 
     grads, (outputs, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -98,21 +81,22 @@ def compute_gradients(state: TrainState, batch: dict, axis_name=None):
 
 def train_step(
     state: TrainState, batch: dict, axis_name=None
-) -> tuple[TrainState, TrainMetrics]:
-    """One Adam update on the mean weighted loss over the (global) batch's unmasked examples."""
+) -> tuple[TrainState, StepMetrics]:
+    """One Adam update on the mean recipe loss over the (global) batch's unmasked examples."""
     grads, outputs, batch_stats = compute_gradients(state, batch, axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return new_state, _collect(TrainMetrics, outputs, batch["mask"].astype(jnp.float32), axis_name)
+    return new_state, _collect(StepMetrics, outputs, batch["mask"].astype(jnp.float32), axis_name)
 
 
 def eval_step(
     state: TrainState, batch: dict, axis_name=None
-) -> tuple[EvalMetrics, jax.Array]:
-    """Loss and accuracy over unmasked examples, and each example's probability of abnormal."""
+) -> tuple[StepMetrics, jax.Array]:
+    """The recipe's validation loss and accuracy over unmasked examples, and each example's
+    probability of abnormal."""
     logits = state.apply_fn(state.variables, batch["image"], train=False)
-    outputs = _per_example_outputs(state, logits, batch)
+    outputs = _per_example_outputs(state, logits, batch, state.recipe.eval_loss)
     mask = batch["mask"].astype(jnp.float32)
-    return _collect(EvalMetrics, outputs, mask, axis_name), jax.nn.sigmoid(outputs["logits"])
+    return _collect(StepMetrics, outputs, mask, axis_name), jax.nn.sigmoid(outputs["logits"])
 
 
 def apply_plateau(state: TrainState, val_loss, optim_config) -> TrainState:

@@ -1,6 +1,7 @@
 """Synthetic MURA: a small dataset in the exact MURA-v1.1 layout, for demos and tests.
 
-    python -m murajax.synthetic --out DIR [--studies N] [--seed S]
+    python -m murajax.synthetic --out DIR [--studies N] [--seed S] [--valid_fraction F]
+        [--workers W]
 
 writes ``DIR/MURA-v1.1/`` with ``{train,valid}_image_paths.csv``,
 ``{train,valid}_labeled_studies.csv`` and
@@ -19,6 +20,10 @@ some as narrow as ~90 px. Patients do not overlap between train and valid; every
 appears in train once there are at least 7 train studies; each split holds both labels.
 The bytes are a function of (num_studies, seed, valid_fraction) only.
 
+This module owns the synthetic set: the plan of studies (``_plan``), the drawing of one view
+(``_render_view`` and its steps, which draw from one random stream in a fixed order), the
+layout on disk and the command line.
+
 A tiny DenseNet (``densenet_tiny``) trained at 64x64 (batch 32, Adam 3e-3) on the default 400
 studies reaches a study-level validation AUROC above 0.9 within a few epochs (about a minute
 of CPU).
@@ -26,8 +31,8 @@ of CPU).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -36,10 +41,13 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw
 
+from murajax import command_flags
 from murajax.data.mura import STUDY_TYPES
 from murajax.errors import UserError
 
@@ -97,11 +105,8 @@ def _mask(size):
 # Anatomy.
 
 
-def _bones(rng, study_type: str, length: float, short: float):
-    """Bone segments in limb coordinates: list of (t0, s0, t1, s1, width).
-
-    t runs along the limb axis (0 = limb centre), s across it; units are pixels.
-    """
+def _bone_segments(rng, study_type: str, length: float, short: float):
+    """Bone segments of ``study_type`` as (t0, s0, t1, s1, width) tuples (see ``_Bone``)."""
     L, S = length, short
     bones = []
     if study_type == "XR_HUMERUS":
@@ -160,89 +165,171 @@ def _bones(rng, study_type: str, length: float, short: float):
     return bones
 
 
-def _render_view(rng: np.random.Generator, study_type: str, lesion: str | None,
-                 rgb: bool) -> Image.Image:
-    """One view as a PIL 'L' or 'RGB' image."""
-    # Size: longest side up to 512; some narrow (fingers, forearms).
+class _Bone(NamedTuple):
+    """A bone segment in limb coordinates: from (t0, s0) to (t1, s1), ``width`` across.
+
+    t runs along the limb axis (0 = limb centre), s across it; units are half-resolution
+    pixels.
+    """
+
+    t0: float
+    s0: float
+    t1: float
+    s1: float
+    width: float
+
+    def at(self, f: float) -> tuple[float, float]:
+        """The limb coordinates of the point a fraction ``f`` along the bone."""
+        return self.t0 + f * (self.t1 - self.t0), self.s0 + f * (self.s1 - self.s0)
+
+    def direction(self) -> np.ndarray:
+        """The unit vector along the bone, in limb coordinates."""
+        dt, ds = self.t1 - self.t0, self.s1 - self.s0
+        return np.asarray([dt, ds]) / max(1e-6, math.hypot(dt, ds))
+
+
+def _bones(rng, study_type: str, length: float, short: float) -> list[_Bone]:
+    """The bones of ``study_type``'s limb in limb coordinates (see ``_Bone``)."""
+    return [_Bone(*segment) for segment in _bone_segments(rng, study_type, length, short)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Limb:
+    """Where the limb lies in one view, at half resolution: the view's size, the limb's
+    length and width scales, its centre and its axis (and the normal to it) in pixels."""
+
+    width: int  # the view's full-resolution size
+    height: int
+    hw: int  # half resolution
+    hh: int
+    length: float
+    short: float
+    center: np.ndarray
+    axis: np.ndarray
+    normal: np.ndarray
+
+    def point(self, t, s) -> np.ndarray:
+        """Half-resolution pixel coordinates of limb coordinates (t, s)."""
+        return self.center + self.axis * t + self.normal * s
+
+    def fpoint(self, t, s) -> np.ndarray:
+        """Full-resolution pixel coordinates of limb coordinates (t, s)."""
+        return self.point(t, s) * 2.0
+
+
+def _view_size(rng, study_type: str) -> tuple[int, int]:
+    """(width, height): longest side up to 512; some narrow (fingers, forearms)."""
     longest = int(rng.integers(320, 513))
     if rng.random() < 0.12 or (study_type == "XR_FINGER" and rng.random() < 0.4):
         shortest = int(rng.integers(88, 160))
     else:
         shortest = int(longest * rng.uniform(0.65, 1.0))
     if rng.random() < 0.75:
-        width, height = shortest, longest
-    else:
-        width, height = longest, shortest
-    # Draw at half resolution (soft shapes), upsample, then add sharp details at full size.
-    hw, hh = (width + 1) // 2, (height + 1) // 2
-    length = float(max(hw, hh))
-    short = float(min(hw, hh))
+        return shortest, longest
+    return longest, shortest
 
+
+def _place_limb(rng, width: int, height: int) -> _Limb:
+    """The limb along the view's long side, rotated by up to 35 degrees (either way up) and
+    shifted at random. The anatomy is drawn at half resolution (soft shapes)."""
+    hw, hh = (width + 1) // 2, (height + 1) // 2
     base_angle = math.pi / 2 if height >= width else 0.0
     phi = base_angle + math.radians(rng.uniform(-35, 35)) + (math.pi if rng.random() < 0.5 else 0)
     axis = np.asarray([math.cos(phi), math.sin(phi)])
     normal = np.asarray([-axis[1], axis[0]])
     center = np.asarray([hw / 2, hh / 2]) + rng.uniform(-0.12, 0.12, 2) * np.asarray([hw, hh])
+    return _Limb(width, height, hw, hh, float(max(hw, hh)), float(min(hw, hh)), center, axis,
+                 normal)
 
-    def point(t, s):
-        return center + axis * t + normal * s
 
-    soft, soft_draw = _mask((hw, hh))
+@dataclasses.dataclass
+class _AnatomyMasks:
+    """The half-resolution 'L' masks of one view's anatomy, with their drawing handles."""
+
+    soft: Image.Image  # soft tissue
+    bone: Image.Image
+    extra: Image.Image  # denser bone: fracture callus
+    marrow: Image.Image
+    soft_draw: ImageDraw.ImageDraw
+    bone_draw: ImageDraw.ImageDraw
+    extra_draw: ImageDraw.ImageDraw
+    marrow_draw: ImageDraw.ImageDraw
+
+
+def _draw_anatomy(rng, study_type: str, limb: _Limb) -> tuple[_AnatomyMasks, list[_Bone]]:
+    """Soft tissue, bones and marrow of the limb; returns the masks and the bones."""
+    point, short, length = limb.point, limb.short, limb.length
+    size = (limb.hw, limb.hh)
+    soft, soft_draw = _mask(size)
     _capsule(soft_draw, point(-1.2 * length, 0), point(1.2 * length, 0),
              rng.uniform(0.5, 0.8) * short)
     if study_type in ("XR_HAND", "XR_WRIST"):
         soft_draw.ellipse(_bbox(point(0.15 * length, 0), 0.45 * short), fill=255)
-    bone, bone_draw = _mask((hw, hh))
-    extra, extra_draw = _mask((hw, hh))  # denser bone: fracture callus
-    marrow, marrow_draw = _mask((hw, hh))
+    bone, bone_draw = _mask(size)
+    extra, extra_draw = _mask(size)
+    marrow, marrow_draw = _mask(size)
     bones = _bones(rng, study_type, length, short)
     for t0, s0, t1, s1, w in bones:
         _capsule(bone_draw, point(t0, s0), point(t1, s1), w)
         if w > 0.06 * short:
             _capsule(marrow_draw, point(t0, s0), point(t1, s1), 0.45 * w)
+    masks = _AnatomyMasks(soft, bone, extra, marrow, soft_draw, bone_draw, extra_draw,
+                          marrow_draw)
+    return masks, bones
 
-    # Fracture: a thick dark jagged line across a long bone.
-    main = max(bones, key=lambda b: math.hypot(b[2] - b[0], b[3] - b[1]) * b[4])
-    t0, s0, t1, s1, w = main
-    def visible_fraction():
-        """A random place along the main bone inside the central part of the view."""
-        for _ in range(30):
-            f = rng.uniform(0.05, 0.95)
-            x, y = point(t0 + f * (t1 - t0), s0 + f * (s1 - s0))
-            if 0.18 * hw <= x <= 0.82 * hw and 0.18 * hh <= y <= 0.82 * hh:
-                return f
-        a, b = point(t0, s0), point(t1, s1)
-        d = b - a
-        centre = np.asarray([hw / 2, hh / 2])
-        return float(np.clip(np.dot(centre - a, d) / max(1e-6, np.dot(d, d)), 0.0, 1.0))
 
-    if lesion in ("fracture", "fracture+plate"):
-        # A healing fracture: a fusiform callus around the bone, crossed by a dark jagged line.
-        f = visible_fraction()
-        ft, fs = t0 + f * (t1 - t0), s0 + f * (s1 - s0)
-        d = np.asarray([t1 - t0, s1 - s0]) / max(1e-6, math.hypot(t1 - t0, s1 - s0))
-        along = (d[0], d[1])  # bone axis in limb coordinates
-        across = (-d[1], d[0])
-        a = max(rng.uniform(1.0, 1.4) * w, 0.1 * short)
-        b = max(rng.uniform(0.75, 0.95) * w, 0.06 * short)
-        angles = np.linspace(0.0, 2 * math.pi, 24, endpoint=False)
-        callus = [tuple(point(ft + a * math.cos(q) * along[0] + b * math.sin(q) * across[0],
-                              fs + a * math.cos(q) * along[1] + b * math.sin(q) * across[1]))
-                  for q in angles]
-        bone_draw.polygon(callus, fill=255)
-        extra_draw.polygon(callus, fill=255)
-        tilt = rng.uniform(-0.5, 0.5)
-        pts = []
-        for k in range(5):
-            u = (-1.0 + 0.5 * k) * 1.1 * b
-            v = tilt * u + rng.uniform(-0.1, 0.1) * w
-            pts.append(tuple(point(ft + v * along[0] + u * across[0],
-                                   fs + v * along[1] + u * across[1])))
-        thickness = max(3, int(round(rng.uniform(0.07, 0.1) * short)))
-        bone_draw.line(pts, fill=0, width=thickness)
-        extra_draw.line(pts, fill=0, width=thickness)
-        marrow_draw.line(pts, fill=0, width=thickness)
+def _main_bone(bones: list[_Bone]) -> _Bone:
+    """The bone lesions go on: the longest weighted by width."""
+    return max(bones, key=lambda b: math.hypot(b[2] - b[0], b[3] - b[1]) * b[4])
 
+
+def _visible_fraction(rng, limb: _Limb, bone: _Bone) -> float:
+    """A random place along ``bone`` inside the central part of the view."""
+    hw, hh = limb.hw, limb.hh
+    for _ in range(30):
+        f = rng.uniform(0.05, 0.95)
+        x, y = limb.point(*bone.at(f))
+        if 0.18 * hw <= x <= 0.82 * hw and 0.18 * hh <= y <= 0.82 * hh:
+            return f
+    a, b = limb.point(bone.t0, bone.s0), limb.point(bone.t1, bone.s1)
+    d = b - a
+    centre = np.asarray([hw / 2, hh / 2])
+    return float(np.clip(np.dot(centre - a, d) / max(1e-6, np.dot(d, d)), 0.0, 1.0))
+
+
+def _draw_fracture(rng, limb: _Limb, bone: _Bone, masks: _AnatomyMasks) -> None:
+    """A healing fracture: a fusiform callus around the bone, crossed by a thick dark jagged
+    line."""
+    point, short, w = limb.point, limb.short, bone.width
+    ft, fs = bone.at(_visible_fraction(rng, limb, bone))
+    d = bone.direction()
+    along = (d[0], d[1])  # bone axis in limb coordinates
+    across = (-d[1], d[0])
+    a = max(rng.uniform(1.0, 1.4) * w, 0.1 * short)
+    b = max(rng.uniform(0.75, 0.95) * w, 0.06 * short)
+    angles = np.linspace(0.0, 2 * math.pi, 24, endpoint=False)
+    callus = [tuple(point(ft + a * math.cos(q) * along[0] + b * math.sin(q) * across[0],
+                          fs + a * math.cos(q) * along[1] + b * math.sin(q) * across[1]))
+              for q in angles]
+    masks.bone_draw.polygon(callus, fill=255)
+    masks.extra_draw.polygon(callus, fill=255)
+    tilt = rng.uniform(-0.5, 0.5)
+    pts = []
+    for k in range(5):
+        u = (-1.0 + 0.5 * k) * 1.1 * b
+        v = tilt * u + rng.uniform(-0.1, 0.1) * w
+        pts.append(tuple(point(ft + v * along[0] + u * across[0],
+                               fs + v * along[1] + u * across[1])))
+    thickness = max(3, int(round(rng.uniform(0.07, 0.1) * short)))
+    masks.bone_draw.line(pts, fill=0, width=thickness)
+    masks.extra_draw.line(pts, fill=0, width=thickness)
+    masks.marrow_draw.line(pts, fill=0, width=thickness)
+
+
+def _expose(rng, limb: _Limb, masks: _AnatomyMasks, fracture: bool) -> np.ndarray:
+    """float32 [hh, hw] in [0, 1]: the anatomy's densities over a dark background with a
+    gradient, a light collimation border sometimes, then exposure and contrast."""
+    hw, hh = limb.hw, limb.hh
     background = rng.uniform(0.02, 0.12)
     tissue = rng.uniform(0.16, 0.28)
     bone_level = rng.uniform(0.35, 0.5)
@@ -251,13 +338,22 @@ def _render_view(rng: np.random.Generator, study_type: str, lesion: str | None,
     gy = np.linspace(-1, 1, hh, dtype=np.float32)[:, None]
     g = rng.uniform(-0.05, 0.05, 2).astype(np.float32)
     canvas += g[0] * gx + g[1] * gy
-    canvas += np.asarray(soft, dtype=np.float32) * (tissue / 255.0)
-    canvas += np.asarray(bone, dtype=np.float32) * (bone_level / 255.0)
-    if lesion in ("fracture", "fracture+plate"):
-        canvas += np.asarray(extra, dtype=np.float32) * (rng.uniform(0.1, 0.15) / 255.0)
-    canvas -= np.asarray(marrow, dtype=np.float32) * (rng.uniform(0.08, 0.15) / 255.0)
+    canvas += np.asarray(masks.soft, dtype=np.float32) * (tissue / 255.0)
+    canvas += np.asarray(masks.bone, dtype=np.float32) * (bone_level / 255.0)
+    if fracture:
+        canvas += np.asarray(masks.extra, dtype=np.float32) * (rng.uniform(0.1, 0.15) / 255.0)
+    canvas -= np.asarray(masks.marrow, dtype=np.float32) * (rng.uniform(0.08, 0.15) / 255.0)
+    _collimate(rng, canvas)
+    # Exposure and contrast of the anatomy.
+    canvas *= rng.uniform(0.85, 1.15)
+    canvas += rng.uniform(-0.04, 0.06)
+    np.clip(canvas, 0.0, 1.0, out=canvas)
+    return canvas
 
-    # Collimation: the unexposed border is light grey.
+
+def _collimate(rng, canvas: np.ndarray) -> None:
+    """Collimation, sometimes: the unexposed border along one edge is light grey."""
+    hh, hw = canvas.shape
     if rng.random() < 0.3:
         edge = int(rng.integers(0, 4))
         k = int(rng.uniform(0.04, 0.12) * (hw if edge < 2 else hh))
@@ -271,63 +367,64 @@ def _render_view(rng: np.random.Generator, study_type: str, lesion: str | None,
         else:
             canvas[hh - k:, :] = level
 
-    # Exposure, contrast and gamma of the anatomy, which stays below 0.88 of full scale; then
-    # up to full size (the anatomy is smooth, so this costs nothing visible and saves time).
-    canvas *= rng.uniform(0.85, 1.15)
-    canvas += rng.uniform(-0.04, 0.06)
-    np.clip(canvas, 0.0, 1.0, out=canvas)
+
+def _tone_map(rng, canvas: np.ndarray, width: int, height: int) -> Image.Image:
+    """A gamma curve keeping the anatomy below 0.88 of full scale, then up to full size (the
+    anatomy is smooth, so this costs nothing visible and saves time)."""
     curve = (np.linspace(0.0, 1.0, 1024) ** rng.uniform(0.75, 1.3) * (0.88 * 255.0) + 0.5)
     anatomy = curve.astype(np.uint8)[(canvas * 1023.0 + 0.5).astype(np.uint16)]
-    anatomy = Image.fromarray(anatomy).resize((width, height), Image.BILINEAR)
+    return Image.fromarray(anatomy).resize((width, height), Image.BILINEAR)
 
-    # Sharp details at full resolution.
-    detail, detail_draw = _mask((width, height))
+
+def _draw_hardware(rng, draw, limb: _Limb, bone: _Bone, lesion: str) -> None:
+    """Orthopaedic hardware at full resolution beside a random visible place on ``bone``: a
+    saturated metal plate with screws ('plate', 'fracture+plate') or a cluster of screws."""
+    width, height, axis, normal, w = limb.width, limb.height, limb.axis, limb.normal, bone.width
     scale = 2.0
+    mt, ms = bone.at(_visible_fraction(rng, limb, bone))
+    d = bone.direction()
+    bone_axis = axis * d[0] + normal * d[1]
+    bone_normal = np.asarray([-bone_axis[1], bone_axis[0]])
+    side = rng.choice([-1.0, 1.0])
+    full_short = min(width, height)
+    metal = int(rng.integers(245, 256))
+    plate_w = rng.uniform(0.08, 0.11) * full_short
+    c = limb.fpoint(mt, ms) + bone_normal * side * (w * scale / 2)
+    if lesion != "screws":
+        plate_len = rng.uniform(0.3, 0.45) * max(width, height)
+        _quad(draw, c, bone_axis, bone_normal, plate_len / 2, plate_w / 2, fill=metal)
+        n_screws = int(rng.integers(3, 6))
+        offsets = np.linspace(-0.4, 0.4, n_screws) * plate_len
+    else:
+        n_screws = int(rng.integers(2, 5))
+        offsets = (np.arange(n_screws) - (n_screws - 1) / 2) * rng.uniform(1.3, 2.0) * plate_w
+    screw_len = w * scale * rng.uniform(1.1, 1.5) + plate_w
+    for o in offsets:
+        p = c + bone_axis * o
+        tip = p - bone_normal * side * screw_len
+        _capsule(draw, p, tip, 0.45 * plate_w, fill=metal)
+        draw.ellipse(_bbox(p, 0.55 * plate_w), fill=metal)
 
-    def fpoint(t, s):
-        return point(t, s) * scale
 
-    if lesion in ("plate", "fracture+plate", "screws"):
-        f = visible_fraction()
-        mt, ms = t0 + f * (t1 - t0), s0 + f * (s1 - s0)
-        d = np.asarray([t1 - t0, s1 - s0]) / max(1e-6, math.hypot(t1 - t0, s1 - s0))
-        bone_axis = axis * d[0] + normal * d[1]
-        bone_normal = np.asarray([-bone_axis[1], bone_axis[0]])
-        side = rng.choice([-1.0, 1.0])
-        full_short = min(width, height)
-        metal = int(rng.integers(245, 256))
-        plate_w = rng.uniform(0.08, 0.11) * full_short
-        c = fpoint(mt, ms) + bone_normal * side * (w * scale / 2)
-        if lesion != "screws":
-            plate_len = rng.uniform(0.3, 0.45) * max(width, height)
-            _quad(detail_draw, c, bone_axis, bone_normal, plate_len / 2, plate_w / 2, fill=metal)
-            n_screws = int(rng.integers(3, 6))
-            offsets = np.linspace(-0.4, 0.4, n_screws) * plate_len
-        else:
-            n_screws = int(rng.integers(2, 5))
-            offsets = (np.arange(n_screws) - (n_screws - 1) / 2) * rng.uniform(1.3, 2.0) * plate_w
-        screw_len = w * scale * rng.uniform(1.1, 1.5) + plate_w
-        for o in offsets:
-            p = c + bone_axis * o
-            tip = p - bone_normal * side * screw_len
-            _capsule(detail_draw, p, tip, 0.45 * plate_w, fill=metal)
-            detail_draw.ellipse(_bbox(p, 0.55 * plate_w), fill=metal)
-
-    # Distractor: a burned-in laterality marker in a corner, nearly as bright as metal.
+def _draw_marker(rng, draw, width: int, height: int) -> None:
+    """The distractor, usually: a burned-in laterality letter in a corner, nearly as bright as
+    metal, boxed or not."""
     if rng.random() < 0.85:
         h = rng.uniform(0.07, 0.12) * min(width, height) + 8
         margin = rng.uniform(0.03, 0.12, 2) * np.asarray([width, height])
         x = margin[0] if rng.random() < 0.5 else width - margin[0] - 0.62 * h
         y = margin[1] if rng.random() < 0.5 else height - margin[1] - h
-        _letter(detail_draw, "R" if rng.random() < 0.5 else "L", x, y, h,
+        _letter(draw, "R" if rng.random() < 0.5 else "L", x, y, h,
                 max(2.0, 0.17 * h), int(rng.integers(150, 216)))
         if rng.random() < 0.3:
             pad = 0.25 * h
-            detail_draw.rectangle([x - pad, y - pad, x + 0.62 * h + pad, y + h + pad],
-                                  outline=int(rng.integers(150, 230)),
-                                  width=max(1, int(0.06 * h)))
+            draw.rectangle([x - pad, y - pad, x + 0.62 * h + pad, y + h + pad],
+                           outline=int(rng.integers(150, 230)), width=max(1, int(0.06 * h)))
 
-    # Metal is radio-opaque: it saturates whatever the exposure. Markers are burned in.
+
+def _develop(rng, anatomy: Image.Image, detail: Image.Image, rgb: bool) -> Image.Image:
+    """Anatomy and details combined (metal is radio-opaque: it saturates whatever the
+    exposure; markers are burned in), noise added, tinted if ``rgb``."""
     image = np.maximum(np.asarray(anatomy), np.asarray(detail)).astype(np.float32)
     sigma = rng.uniform(0.004, 0.02) * 255.0
     image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(sigma)
@@ -338,6 +435,29 @@ def _render_view(rng: np.random.Generator, study_type: str, lesion: str | None,
     return Image.fromarray(pixels)
 
 
+def _render_view(rng: np.random.Generator, study_type: str, lesion: str | None,
+                 rgb: bool) -> Image.Image:
+    """One view as a PIL 'L' or 'RGB' image.
+
+    The anatomy is drawn at half resolution and scaled up; sharp details (hardware, markers)
+    are drawn at full size. The steps draw from ``rng`` in a fixed order: the bytes of a view
+    are a function of the generator's state and the arguments.
+    """
+    width, height = _view_size(rng, study_type)
+    limb = _place_limb(rng, width, height)
+    masks, bones = _draw_anatomy(rng, study_type, limb)
+    main = _main_bone(bones)
+    fracture = lesion in ("fracture", "fracture+plate")
+    if fracture:
+        _draw_fracture(rng, limb, main, masks)
+    anatomy = _tone_map(rng, _expose(rng, limb, masks, fracture), width, height)
+    detail, detail_draw = _mask((width, height))
+    if lesion in ("plate", "fracture+plate", "screws"):
+        _draw_hardware(rng, detail_draw, limb, main, lesion)
+    _draw_marker(rng, detail_draw, width, height)
+    return _develop(rng, anatomy, detail, rgb)
+
+
 def _bbox(c, r):
     return [c[0] - r, c[1] - r, c[0] + r, c[1] + r]
 
@@ -346,8 +466,25 @@ def _bbox(c, r):
 # Dataset layout.
 
 
-def _plan(num_studies: int, seed: int, valid_fraction: float):
-    """[(split, study_type, patient_id, study_number, label, num_views)] for all studies."""
+class _Study(NamedTuple):
+    """One planned study: where it goes, its label and how many views it has."""
+
+    split: str  # "train" or "valid"
+    study_type: str  # a STUDY_TYPES name
+    patient: int  # patient number, unique across the splits
+    number: int  # the study's number among the patient's studies of this type (1, 2, ...)
+    label: int  # 1 abnormal, 0 normal
+    num_views: int
+
+    @property
+    def folder(self) -> str:
+        """The study folder relative to MURA-v1.1."""
+        return f"{self.split}/{self.study_type}/patient{self.patient:05d}/study{self.number}_" + (
+            "positive" if self.label else "negative")
+
+
+def _plan(num_studies: int, seed: int, valid_fraction: float) -> list[_Study]:
+    """Every study of the set, in order (train first)."""
     rng = np.random.default_rng([seed, 0])
     n_valid = int(round(num_studies * valid_fraction))
     if valid_fraction > 0 and num_studies >= 4:
@@ -380,38 +517,40 @@ def _plan(num_studies: int, seed: int, valid_fraction: float):
             for _ in range(min(per_patient, n - i)):
                 t = int(types[i])
                 counters[t] = counters.get(t, 0) + 1
-                plan.append((split, STUDY_TYPES[t], patient, counters[t], int(labels[i]),
-                             int(views[i])))
+                plan.append(_Study(split, STUDY_TYPES[t], patient, counters[t],
+                                   int(labels[i]), int(views[i])))
                 i += 1
     return plan
 
 
-def _folder(split, study_type, patient, k, label) -> str:
-    return f"{split}/{study_type}/patient{patient:05d}/study{k}_" + (
-        "positive" if label else "negative")
+def _write_study(mura: pathlib.Path, seed: int, position: int, study: _Study) -> None:
+    """Renders and writes the views of the ``position``-th study of the plan, from its own
+    random stream."""
+    rng = np.random.default_rng([seed, 1, position])
+    folder = mura / study.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    n_views = study.num_views
+    lesion = None
+    if study.label:
+        lesion = str(rng.choice(["plate", "screws", "fracture", "fracture+plate"],
+                                p=[0.35, 0.2, 0.3, 0.15]))
+    shows = rng.random(n_views) < 0.9 if study.label else np.zeros(n_views, dtype=bool)
+    if study.label:
+        shows[int(rng.integers(n_views))] = True
+    for v in range(n_views):
+        image = _render_view(rng, study.study_type, lesion if shows[v] else None,
+                             rgb=bool(rng.random() < _RGB_FRACTION))
+        image.save(folder / f"image{v + 1}.png", format="PNG", compress_level=1)
 
 
 def _write_studies(mura: str, seed: int, items) -> None:
-    """Renders and writes the views of the given (number, plan row) studies."""
-    mura = pathlib.Path(mura)
-    for number, (split, study_type, patient, k, label, n_views) in items:
-        rng = np.random.default_rng([seed, 1, number])
-        folder = mura / _folder(split, study_type, patient, k, label)
-        folder.mkdir(parents=True, exist_ok=True)
-        lesion = None
-        if label:
-            lesion = str(rng.choice(["plate", "screws", "fracture", "fracture+plate"],
-                                    p=[0.35, 0.2, 0.3, 0.15]))
-        shows = rng.random(n_views) < 0.9 if label else np.zeros(n_views, dtype=bool)
-        if label:
-            shows[int(rng.integers(n_views))] = True
-        for v in range(n_views):
-            image = _render_view(rng, study_type, lesion if shows[v] else None,
-                                 rgb=bool(rng.random() < _RGB_FRACTION))
-            image.save(folder / f"image{v + 1}.png", format="PNG", compress_level=1)
+    """Renders and writes the given (position in the plan, study) studies."""
+    for position, study in items:
+        _write_study(pathlib.Path(mura), seed, position, study)
 
 
-def _write(mura: pathlib.Path, plan, seed: int, num_workers: int) -> None:
+def _write(mura: pathlib.Path, plan: list[_Study], seed: int, num_workers: int) -> None:
+    """The images (rendered by ``num_workers`` processes) and the CSVs of ``plan``."""
     items = list(enumerate(plan))
     if num_workers <= 1 or len(items) < 32:
         _write_studies(str(mura), seed, items)
@@ -426,12 +565,17 @@ def _write(mura: pathlib.Path, plan, seed: int, num_workers: int) -> None:
         ) as pool:
             for future in [pool.submit(_write_studies, str(mura), seed, c) for c in chunks]:
                 future.result()
+    _write_csvs(mura, plan)
+
+
+def _write_csvs(mura: pathlib.Path, plan: list[_Study]) -> None:
+    """The four CSVs of MURA-v1.1, rows in plan order."""
     rows = {"train": ([], []), "valid": ([], [])}
-    for split, study_type, patient, k, label, n_views in plan:
-        folder = _folder(split, study_type, patient, k, label)
-        image_rows, study_rows = rows[split]
-        image_rows += [f"MURA-v1.1/{folder}/image{v + 1}.png" for v in range(n_views)]
-        study_rows.append(f"MURA-v1.1/{folder}/,{label}")
+    for study in plan:
+        image_rows, study_rows = rows[study.split]
+        image_rows += [f"MURA-v1.1/{study.folder}/image{v + 1}.png"
+                       for v in range(study.num_views)]
+        study_rows.append(f"MURA-v1.1/{study.folder}/,{study.label}")
     for split, (image_rows, study_rows) in rows.items():
         (mura / f"{split}_image_paths.csv").write_text("".join(r + "\n" for r in image_rows))
         (mura / f"{split}_labeled_studies.csv").write_text(
@@ -488,18 +632,25 @@ def generate(out_dir, num_studies: int = 400, seed: int = 0, valid_fraction: flo
     return mura
 
 
+def _define_flags(values) -> None:
+    flags.DEFINE_string("out", None, "folder to write MURA-v1.1/ into", flag_values=values,
+                        required=True)
+    flags.DEFINE_integer("studies", 400, "number of studies", flag_values=values)
+    flags.DEFINE_integer("seed", 0, "seed of the whole set", flag_values=values)
+    flags.DEFINE_float("valid_fraction", 0.2, "fraction of the studies in the valid split",
+                       flag_values=values)
+    flags.DEFINE_integer("workers", None,
+                         "processes rendering images (default: one per CPU, at most 8)",
+                         flag_values=values)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m murajax.synthetic",
-        description="Write a synthetic MURA-v1.1 dataset (same layout as the real one).",
-    )
-    parser.add_argument("--out", required=True, help="folder to write MURA-v1.1/ into")
-    parser.add_argument("--studies", type=int, default=400, help="number of studies")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--valid_fraction", type=float, default=0.2)
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes rendering images (default: one per CPU, at most 8)")
-    args = parser.parse_args(argv)
+    """``python -m murajax.synthetic``: prints the MURA-v1.1 folder written; exit 2 on a bad
+    argument (``argv``: the arguments without the program name; default ``sys.argv[1:]``)."""
+    args = command_flags.parse(
+        "python -m murajax.synthetic",
+        "Write a synthetic MURA-v1.1 dataset (same layout as the real one).",
+        _define_flags, argv)
     try:
         mura = generate(args.out, num_studies=args.studies, seed=args.seed,
                         valid_fraction=args.valid_fraction, num_workers=args.workers)

@@ -2,8 +2,8 @@
 
 Owns the order of things and nothing else: read the data, build (or restore) the state, run
 epochs of ``train_step``, evaluate on the validation split at each epoch end, apply the plateau
-rule, save checkpoints, log. Numerics live in ``steps``, layouts in ``parallel``, persistence in
-``checkpoints``.
+rule, save checkpoints, log. What the data means lives in ``tasks``, the loss in ``recipes``,
+numerics in ``steps``, layouts in ``parallel``, persistence in ``checkpoints``.
 
 Resuming is automatic: if ``<workdir>/checkpoints`` holds a checkpoint, the run continues from
 the newest readable one, mid-epoch included, and ends with the same params, bit for bit, as a run
@@ -27,8 +27,8 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from murajax import (checkpoints, evaluate, optim, parallel, steps, train_state, workdir_lock,
-                     writers)
+from murajax import (checkpoints, models, optim, parallel, recipes, steps, tasks,
+                     train_state, workdir_lock, writers)
 from murajax.data import mura, pipeline
 from murajax.errors import UserError
 
@@ -46,8 +46,8 @@ class DataSplits:
     valid: mura.MuraIndex
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> DataSplits:
-    """Resolves ``config.data.root`` (generating synthetic MURA if asked) and reads both splits."""
+def prepare_data(config: ml_collections.ConfigDict, workdir: Path, task) -> DataSplits:
+    """Reads both splits as ``task`` defines them. Resolves ``config.data.root`` (generating synthetic MURA if asked) and reads both splits."""
     data_config = config.data
     if not data_config.root:
         if data_config.synthetic_studies <= 0:
@@ -69,8 +69,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> DataSplits
     root = Path(data_config.root)
     splits = DataSplits(
         root=root,
-        train=mura.index_from_config(data_config, "train"),
-        valid=mura.index_from_config(data_config, config.eval.split),
+        train=task.read_split(data_config, "train"),
+        valid=task.read_split(data_config, config.eval.split),
     )
     for name, index in (("train", splits.train), ("valid", splits.valid)):
         logging.info("%s: %d images in %d studies%s", name, len(index.images), len(index.studies),
@@ -90,7 +90,7 @@ def _finite_loss(metrics, step: int, epoch: int, last_saved: int | None) -> floa
     return loss
 
 
-def evaluate_split(strategy, state, index: mura.MuraIndex, config) -> dict:
+def evaluate_split(strategy, state, index: mura.MuraIndex, config, task) -> dict:
     """Validation loss and accuracy over images; AUROC and kappa over studies."""
     probabilities = np.full(len(index.images), np.nan, np.float32)
     collection = None
@@ -99,7 +99,7 @@ def evaluate_split(strategy, state, index: mura.MuraIndex, config) -> dict:
         process_index=jax.process_index(), process_count=jax.process_count(),
     ):
         metrics, probs, positions = strategy.eval_step(state, strategy.shard_batch(batch))
-        metrics = strategy.host_state(metrics)
+        metrics = strategy.one_copy(metrics)
         collection = metrics if collection is None else collection.merge(metrics)
         probs, positions = strategy.gather(probs), strategy.gather(positions)
         real = positions >= 0
@@ -107,16 +107,9 @@ def evaluate_split(strategy, state, index: mura.MuraIndex, config) -> dict:
     if collection is None:
         raise UserError(f"the {config.eval.split} split has no images to evaluate")
     result = {k: float(v) for k, v in collection.compute().items()}
-    scored = np.isfinite(probabilities)  # images skipped as unreadable have no probability
-    records = [r for r, keep in zip(index.images, scored) if keep]
-    studies = evaluate.aggregate_studies(
-        [r.study for r in records], probabilities[scored], np.array([r.label for r in records]),
-        np.array([r.study_type for r in records]),
-    )
-    study_metrics = evaluate.binary_metrics(studies.label, studies.probability,
-                                            config.eval.threshold)
-    result.update(auroc=study_metrics["auroc"], kappa=study_metrics["kappa"],
-                  probabilities=probabilities)
+    # Images skipped as unreadable keep NaN: the task leaves them out of their studies.
+    result.update(task.validation_metrics(index, probabilities, config.eval.threshold))
+    result["probabilities"] = probabilities
     return result
 
 
@@ -153,14 +146,22 @@ class _StopRequest:
         return jax.process_count() > 1 and checkpointer.manager.reached_preemption(step)
 
 
-def _log_train(writer, progress_line, strategy, state, window, step, epoch, last_saved):
-    loss = _finite_loss(window, step, epoch, last_saved)
-    rate = float(optim.learning_rate(strategy.host_state(state).opt_state))
-    ips = progress_line.images_per_second(step)
-    progress_line.report(step, epoch, loss, rate, ips)
-    writer.write(step, "train", epoch=epoch, loss=loss, learning_rate=rate,
-                 accuracy=float(window.accuracy.compute()),
-                 images_per_second=ips)
+@dataclasses.dataclass
+class RunProgress:
+    """The run's bookkeeping, saved as JSON beside the state in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict] = dataclasses.field(default_factory=list)  # a record per epoch end
+    val_loss: float | None = None  # this checkpoint's validation loss (epoch ends only)
+    window: dict | None = None  # train metrics since the last log line (mid-epoch saves)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "RunProgress":
+        return cls(epoch=int(saved["epoch"]), history=list(saved.get("history", [])),
+                   val_loss=saved.get("val_loss"), window=saved.get("window"))
 
 
 def _window_to_json(window) -> dict | None:
@@ -169,26 +170,29 @@ def _window_to_json(window) -> dict | None:
         return None
     window = jax.device_get(window)
     return {name: [float(getattr(window, name).total), int(getattr(window, name).count)]
-            for name in steps.TrainMetrics.__annotations__}
+            for name in steps.StepMetrics.__annotations__}
 
 
 def _window_from_json(saved: dict | None):
     if not saved:
         return None
-    return steps.TrainMetrics.empty().replace(**{
+    return steps.StepMetrics.empty().replace(**{
         name: clu_metrics.Average(total=np.float32(total), count=np.int32(count))
         for name, (total, count) in saved.items()
     })
 
 
 def _load_pretrained(config, strategy, state):
-    from murajax import pretrained
-
-    if abs(config.model.bn_epsilon - 1.001e-5) > 1e-12:
-        logging.warning("config.model.bn_epsilon=%g, but Keras weights expect 1.001e-5",
-                        config.model.bn_epsilon)
-    host = jax.device_get(strategy.host_state(state))
-    variables = pretrained.load_keras_weights(config.init_from, host.variables)
+    """``state`` with the backbone read from ``config.init_from`` by the weight importer that
+    ``config.model.name`` registered (``murajax.models``); it checks the model's settings too
+    (the DenseNets' Keras importer refuses a ``config.model.bn_epsilon`` other than Keras's)."""
+    backbone = models.get(config.model.name)
+    if backbone.load_weights is None:
+        raise UserError(f"config.init_from is set, but config.model.name={backbone.name!r} has "
+                        "no weight importer; leave config.init_from empty")
+    model = train_state.model_from_config(config)
+    host = jax.device_get(strategy.one_copy(state))
+    variables = backbone.load_weights(config.init_from, host.variables, model=model)
     logging.info("initialised the backbone from %s", config.init_from)
     return strategy.place_state(
         host.replace(params=variables["params"], batch_stats=variables["batch_stats"])
@@ -200,27 +204,28 @@ def _restore_or_start(config, workdir: Path, strategy, checkpointer, model, tx, 
     from the newest readable checkpoint, else fresh (with ImageNet weights if configured)."""
     state = strategy.init_state(functools.partial(
         train_state.create_train_state, jax.random.key(config.seed), model, tx,
-        config.data.image_size, loss_weights,
+        config.data.image_size, loss_weights, recipes.from_config(config),
     ))
     if checkpointer.all_steps():
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            strategy.host_state(state),
+            strategy.one_copy(state),
         )
         restored = checkpointer.restore_latest_good(abstract)
         if restored is None:
             raise UserError(f"no checkpoint in {checkpointer.directory} could be read (see the "
                             "warnings above); if they belong to another model, use another "
                             "--workdir, else move that folder away to start afresh")
-        step, host_state, loader_state, progress = restored
+        step, restored_state, loader_state, progress = restored
         writers.truncate_metrics(workdir, step)
-        logging.info("resumed from step %d (epoch %d)", step, progress["epoch"])
-        return strategy.place_state(host_state), loader_state, progress
+        progress = RunProgress.from_json(progress)
+        logging.info("resumed from step %d (epoch %d)", step, progress.epoch)
+        return strategy.place_state(restored_state), loader_state, progress
     writers.truncate_metrics(workdir, 0)  # records of an attempt killed before its first save
     if config.init_from:
         state = _load_pretrained(config, strategy, state)
-    parameter_overview.log_parameter_overview(jax.device_get(strategy.host_state(state).params))
-    return state, {}, {"epoch": 0, "history": [], "val_loss": None}
+    parameter_overview.log_parameter_overview(jax.device_get(strategy.one_copy(state).params))
+    return state, {}, RunProgress()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -242,106 +247,37 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
         )
     strategy = parallel.create_strategy(config.parallelism, config.batch_size,
                                         config.eval_batch_size)
-    data = prepare_data(config, workdir)
+    task = tasks.from_config(config)
+    data = prepare_data(config, workdir, task)
     checkpoints.save_run_config(workdir, config)
 
-    loss_weights = mura.class_weights(data.train)
-    model = train_state.create_model(config, bn_axis_name=strategy.bn_axis_name)
+    loss_weights = task.loss_weights(data.train)
+    model = train_state.model_from_config(config, bn_axis_name=strategy.bn_axis_name)
     tx = optim.create_optimizer(config.optim)
     checkpointer = checkpoints.Checkpointer(workdir, keep_best=config.keep_best)
     state, loader_state, progress = _restore_or_start(
         config, workdir, strategy, checkpointer, model, tx, loss_weights)
 
-    steps_per_epoch = pipeline.steps_per_epoch(len(data.train.images), config.batch_size)
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"the train split has {len(data.train.images)} images, fewer than one batch "
-            f"(config.batch_size={config.batch_size})"
-        )
-    total_steps = steps_per_epoch * config.num_epochs
+    steps_per_epoch = pipeline.train_steps_per_epoch(len(data.train.images), config.batch_size)
     writer = writers.MetricWriter(workdir)
-    step = start_step = int(strategy.host_state(state).step)
-    progress_line = writers.Progress(total_steps, step, config.batch_size)
-    last_saved = checkpointer.latest_step()
+    run = _Training(config, task, strategy, checkpointer, writer, state, steps_per_epoch)
     summary = {"workdir": str(workdir), "checkpoints": str(checkpointer.directory),
                "metrics": str(workdir / writers.METRICS_FILE), "preempted": False}
-    if progress["history"]:  # a finished (or resumed) run reports its last validation
-        last = progress["history"][-1]
-        summary.update(step=last["step"], epoch=last["epoch"], val_loss=last["val_loss"],
-                       auroc=last["auroc"], kappa=last["kappa"],
-                       learning_rate=last["learning_rate"])
-
+    if progress.history:  # a finished (or resumed) run reports its last validation
+        summary.update(_summary_of(progress.history[-1]))
     try:
         with _StopRequest() as stop:
-            epoch = progress["epoch"]
-            while epoch < config.num_epochs:
-                loader = pipeline.train_loader(
-                    data.train, config.data, global_batch_size=config.batch_size,
-                    seed=config.seed, epoch=epoch, process_index=jax.process_index(),
-                    process_count=jax.process_count(),
-                )
-                if loader_state:
-                    loader.set_state(loader_state)
+            for epoch in range(progress.epoch, config.num_epochs):
+                finished = run.train_epoch(epoch, data.train, loader_state, progress, stop)
                 loader_state = {}
-                pending, stopping = None, False
-                window = _window_from_json(progress.get("window"))
-                for batch in loader:
-                    state, metrics = strategy.train_step(state, strategy.shard_batch(batch))
-                    # One logical copy (pmap returns one per device), as a restored window is.
-                    metrics = strategy.host_state(metrics)
-                    if pending is not None:  # check the previous step while this one runs
-                        _finite_loss(pending, step, epoch, last_saved)
-                    step += 1
-                    pending = metrics
-                    window = metrics if window is None else window.merge(metrics)
-                    end_of_epoch = step % steps_per_epoch == 0
-                    if step % config.log_every_steps == 0 or end_of_epoch:
-                        _log_train(writer, progress_line, strategy, state, window, step, epoch,
-                                   last_saved)
-                        window = None
-                    stopping = stop.requested(checkpointer, step) or (
-                        config.stop_after_steps > 0 and step - start_step >= config.stop_after_steps)
-                    if end_of_epoch:
-                        break  # the epoch-end checkpoint follows validation
-                    if stopping or step % config.checkpoint_every_steps == 0:
-                        _finite_loss(pending, step, epoch, last_saved)
-                        checkpointer.save(step, strategy.host_state(state), loader.get_state(),
-                                          {**progress, "epoch": epoch, "val_loss": None,
-                                           "window": _window_to_json(window)})
-                        last_saved = step
-                    if stopping:
-                        break
-                if stopping and step % steps_per_epoch:
-                    summary.update(preempted=True, step=step)
+                if not finished:
+                    summary.update(preempted=True, step=run.step)
                     logging.warning("stopped at step %d (%s); rerun with the same --workdir to "
-                                    "resume", step, stop.signal_name or "stop_after_steps")
+                                    "resume", run.step, stop.signal_name or "stop_after_steps")
                     break
-
-                # End of epoch: validate, adjust the rate, save with the validation loss.
-                _finite_loss(pending, step, epoch, last_saved)
-                val = evaluate_split(strategy, state, data.valid, config)
-                host = strategy.host_state(state)
-                host = steps.apply_plateau(host, val["loss"], config.optim)
-                state = strategy.place_state(host)
-                rate = float(optim.learning_rate(host.opt_state))
-                epoch += 1
-                record = {"epoch": epoch, "step": step, "val_loss": val["loss"],
-                          "auroc": val["auroc"], "kappa": val["kappa"], "learning_rate": rate}
-                progress = {"epoch": epoch, "history": progress["history"] + [record],
-                            "val_loss": val["loss"]}
-                # Log before saving: a crash in between then redoes (and relogs) the epoch end.
-                writer.write(step, "valid", epoch=epoch, loss=val["loss"],
-                             accuracy=val["accuracy"], auroc=val["auroc"], kappa=val["kappa"],
-                             learning_rate=rate)
-                checkpointer.save(step, host, {}, progress, val_loss=val["loss"])
-                last_saved = step
-                logging.info("epoch %d/%d: val loss %.4f  accuracy %.3f  study AUROC %.4f  "
-                             "kappa %.4f  next lr %.2e", epoch, config.num_epochs, val["loss"],
-                             val["accuracy"], val["auroc"], val["kappa"], rate)
-                progress_line.restart(step)
-                summary.update(step=step, epoch=epoch, val_loss=val["loss"], auroc=val["auroc"],
-                               kappa=val["kappa"], learning_rate=rate)
-                if stopping:
+                progress = run.end_epoch(epoch, data.valid, progress)
+                summary.update(_summary_of(progress.history[-1]))
+                if run.stopping:
                     summary.update(preempted=True)
                     break
     finally:
@@ -350,7 +286,110 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
         finally:
             checkpointer.close()
             writer.close()
-    summary["history"] = progress["history"]
-    summary["params"] = jax.device_get(strategy.host_state(state).params)
-    summary["batch_stats"] = jax.device_get(strategy.host_state(state).batch_stats)
+    summary["history"] = progress.history
     return summary
+
+
+def _summary_of(record: dict) -> dict:
+    keys = ("step", "epoch", "val_loss", "auroc", "kappa", "learning_rate")
+    return {key: record[key] for key in keys}
+
+
+class _Training:
+    """One run's moving parts: the state, the step counter and the last save, advanced by
+    ``train_epoch`` (the steps of an epoch, with logging and mid-epoch checkpoints) and
+    ``end_epoch`` (validation, the plateau rule, the epoch-end checkpoint), in that order."""
+
+    def __init__(self, config, task, strategy, checkpointer, writer, state, steps_per_epoch: int):
+        self.config = config
+        self.task = task
+        self.strategy = strategy
+        self.checkpointer = checkpointer
+        self.writer = writer
+        self.state = state
+        self.steps_per_epoch = steps_per_epoch
+        self.step = self.start_step = int(strategy.one_copy(state).step)
+        self.last_saved = checkpointer.latest_step()
+        self.progress_line = writers.Progress(steps_per_epoch * config.num_epochs, self.step,
+                                              config.batch_size)
+        self.stopping = False  # a stop was requested (signal, preemption, stop_after_steps)
+        self._unchecked = None  # the last step's metrics: checked while the next step runs
+
+    def train_epoch(self, epoch: int, index, loader_state: dict, progress: RunProgress,
+                    stop: "_StopRequest") -> bool:
+        """Runs ``epoch``'s steps from ``loader_state``'s position. True when its last step
+        ran; False when a stop request ended it early (after saving a checkpoint)."""
+        config = self.config
+        loader = pipeline.train_loader(
+            index, config.data, global_batch_size=config.batch_size, seed=config.seed,
+            epoch=epoch, process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        if loader_state:
+            loader.set_state(loader_state)
+        window = _window_from_json(progress.window)
+        for batch in loader:
+            self.state, metrics = self.strategy.train_step(self.state,
+                                                           self.strategy.shard_batch(batch))
+            # One logical copy (pmap returns one per device), as a restored window is.
+            metrics = self.strategy.one_copy(metrics)
+            self._check_finite(epoch)
+            self.step += 1
+            self._unchecked = metrics
+            window = metrics if window is None else window.merge(metrics)
+            end_of_epoch = self.step % self.steps_per_epoch == 0
+            if self.step % config.log_every_steps == 0 or end_of_epoch:
+                self._log_train(window, epoch)
+                window = None
+            budget = config.stop_after_steps
+            self.stopping = stop.requested(self.checkpointer, self.step) or (
+                budget > 0 and self.step - self.start_step >= budget)
+            if end_of_epoch:
+                return True  # the epoch-end checkpoint follows validation
+            if self.stopping or self.step % config.checkpoint_every_steps == 0:
+                self._check_finite(epoch)
+                self._save(loader.get_state(), dataclasses.replace(
+                    progress, val_loss=None, window=_window_to_json(window)))
+            if self.stopping:
+                return False
+        return True
+
+    def end_epoch(self, epoch: int, index, progress: RunProgress) -> RunProgress:
+        """Validates, applies the plateau rule, logs and saves; the progress after ``epoch``."""
+        self._check_finite(epoch)
+        val = evaluate_split(self.strategy, self.state, index, self.config, self.task)
+        host = steps.apply_plateau(self.strategy.one_copy(self.state), val["loss"],
+                                   self.config.optim)
+        self.state = self.strategy.place_state(host)
+        rate = float(optim.learning_rate(host.opt_state))
+        record = {"epoch": epoch + 1, "step": self.step, "val_loss": val["loss"],
+                  "auroc": val["auroc"], "kappa": val["kappa"], "learning_rate": rate}
+        progress = RunProgress(epoch=epoch + 1, history=progress.history + [record],
+                               val_loss=val["loss"])
+        # Log before saving: a crash in between then redoes (and relogs) the epoch end.
+        self.writer.write(self.step, "valid", epoch=epoch + 1, loss=val["loss"],
+                          accuracy=val["accuracy"], auroc=val["auroc"], kappa=val["kappa"],
+                          learning_rate=rate)
+        self._save({}, progress, val_loss=val["loss"])
+        logging.info("epoch %d/%d: val loss %.4f  accuracy %.3f  study AUROC %.4f  kappa %.4f  "
+                     "next lr %.2e", epoch + 1, self.config.num_epochs, val["loss"],
+                     val["accuracy"], val["auroc"], val["kappa"], rate)
+        self.progress_line.restart(self.step)
+        return progress
+
+    def _check_finite(self, epoch: int) -> None:
+        if self._unchecked is not None:
+            _finite_loss(self._unchecked, self.step, epoch, self.last_saved)
+
+    def _save(self, loader_state: dict, progress: RunProgress, val_loss=None) -> None:
+        self.checkpointer.save(self.step, self.strategy.one_copy(self.state), loader_state,
+                               progress.to_json(), val_loss=val_loss)
+        self.last_saved = self.step
+
+    def _log_train(self, window, epoch: int) -> None:
+        loss = _finite_loss(window, self.step, epoch, self.last_saved)
+        rate = float(optim.learning_rate(self.strategy.one_copy(self.state).opt_state))
+        images_per_second = self.progress_line.images_per_second(self.step)
+        self.progress_line.report(self.step, epoch, loss, rate, images_per_second)
+        self.writer.write(self.step, "train", epoch=epoch, loss=loss, learning_rate=rate,
+                          accuracy=float(window.accuracy.compute()),
+                          images_per_second=images_per_second)

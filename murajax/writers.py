@@ -8,7 +8,6 @@ restored step so the file reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -75,11 +74,9 @@ class MetricWriter:
 
 
 def _plain(value):
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return value  # json writes NaN/Infinity; readers see the problem rather than a gap
-    return value
+    """A Python scalar for JSON. NaN and inf are kept (json writes NaN/Infinity): a reader
+    then sees the problem rather than a gap."""
+    return value.item() if hasattr(value, "item") else value
 
 
 class Progress:

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from murajax.configs import smoke
-from murajax import optim, train_state
+from murajax import checkpoints, optim, train_state
 
 IMAGE_SIZE = 32
 
@@ -21,6 +21,14 @@ def tiny_config(**overrides):
     return config
 
 
+def run_config(root, **overrides):
+    """``tiny_config`` for a short training run on the MURA-v1.1 folder ``root`` (no synthetic
+    data): batch 8, eval batch 16, 2 epochs, the best checkpoint kept; ``overrides`` as in
+    ``tiny_config`` (dotted names) on top."""
+    return tiny_config(**{"data.root": str(root), "data.synthetic_studies": 0, "batch_size": 8,
+                          "eval_batch_size": 16, "num_epochs": 2, "keep_best": 1, **overrides})
+
+
 def loss_weights():
     rng = np.random.default_rng(1)
     w1 = rng.uniform(0.3, 0.7, size=7)
@@ -29,7 +37,7 @@ def loss_weights():
 
 def tiny_state(config=None, bn_axis_name=None, seed=0):
     config = config or tiny_config()
-    model = train_state.create_model(config, bn_axis_name=bn_axis_name)
+    model = train_state.model_from_config(config, bn_axis_name=bn_axis_name)
     tx = optim.create_optimizer(config.optim)
     return train_state.create_train_state(
         jax.random.key(seed), model, tx, config.data.image_size, loss_weights()
@@ -58,3 +66,9 @@ def random_batch(batch_size, seed=0, image_size=IMAGE_SIZE, masked=()):
 # machine with --xla_cpu_max_isa unset, AVX2 and SSE4_2: losses 6-16 eps, gradients 22-27 eps
 # (relative global norm), BatchNorm statistics under 7 eps per layer.
 ROUNDING = 256 * float(np.finfo(np.float32).eps)
+
+
+def final_variables(workdir) -> dict:
+    """Params and BatchNorm statistics of a run's newest checkpoint (a finished run's last)."""
+    step = checkpoints.Checkpointer(workdir, read_only=True).latest_step()
+    return checkpoints.restore_variables(workdir, step)

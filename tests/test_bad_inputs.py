@@ -151,8 +151,7 @@ def test_images_smaller_than_the_input_are_upscaled(root, width, height, resize)
 
 
 def test_input_size_below_32_is_refused(root, tmp_path):
-    config = helpers.tiny_config(**{"data.root": str(root), "data.synthetic_studies": 0,
-                                    "data.image_size": 16, "batch_size": 4})
+    config = helpers.run_config(root, **{"data.image_size": 16, "batch_size": 4})
     with pytest.raises(UserError, match=r"config.data.image_size=16 is too small.*at least 32"):
         train.train_and_evaluate(config, tmp_path / "run")
 
@@ -281,22 +280,17 @@ def test_wrong_type_in_a_config_override_is_refused_without_a_traceback(flag):
     assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
 
 
-def _config(root, **overrides):
-    return helpers.tiny_config(**{"data.root": str(root), "data.synthetic_studies": 0,
-                                  "batch_size": 4, "eval_batch_size": 4, "num_epochs": 1,
-                                  **overrides})
-
-
 def test_batch_size_not_divisible_by_the_device_count(root, tmp_path):
     with pytest.raises(UserError, match=r"config.batch_size=6 must be a positive multiple of the "
                                         r"number of devices \(4"):
-        train.train_and_evaluate(_config(root, batch_size=6), tmp_path / "run")
+        train.train_and_evaluate(helpers.run_config(root, batch_size=6), tmp_path / "run")
 
 
 def test_init_from_that_does_not_exist(root, tmp_path):
     missing = tmp_path / "densenet169_notop.h5"
     with pytest.raises(UserError, match=f"Keras weight file {missing} does not exist"):
-        train.train_and_evaluate(_config(root, init_from=str(missing)), tmp_path / "run")
+        train.train_and_evaluate(helpers.run_config(root, init_from=str(missing)),
+                                 tmp_path / "run")
 
 
 def test_init_from_of_another_architecture(root, tmp_path):
@@ -310,16 +304,17 @@ def test_init_from_of_another_architecture(root, tmp_path):
     with pytest.raises(UserError, match=r"does not fit this model: layer 'conv1_conv' weight "
                                         r"'kernel' has shape \(7, 7, 3, 64\), expected "
                                         r"\(7, 7, 3, 16\)"):
-        train.train_and_evaluate(_config(root, init_from=str(weights)), tmp_path / "run")
+        train.train_and_evaluate(helpers.run_config(root, init_from=str(weights)),
+                                 tmp_path / "run")
 
 
 def test_workdir_of_another_model_is_refused_by_its_config(root, tmp_path):
-    other = _config(root)
+    other = helpers.run_config(root)
     other.model.name = "densenet121"
     checkpoints.save_run_config(tmp_path, other)
     with pytest.raises(UserError, match=r"holds checkpoints of a run with "
                                         r"model.name='densenet121'.*use another --workdir"):
-        train.train_and_evaluate(_config(root), tmp_path)
+        train.train_and_evaluate(helpers.run_config(root), tmp_path)
 
 
 def test_workdir_of_another_model_without_its_config_is_refused_and_left_alone(root, tmp_path):
@@ -333,7 +328,7 @@ def test_workdir_of_another_model_without_its_config_is_refused_and_left_alone(r
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(UserError, match=r"no checkpoint in .*checkpoints could be read.*another "
                                         r"model, use another --workdir"):
-        train.train_and_evaluate(_config(root), tmp_path)
+        train.train_and_evaluate(helpers.run_config(root), tmp_path)
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert [p for p in before if p not in after] == []
     assert checkpoints.Checkpointer(tmp_path, read_only=True).all_steps() == [7]
@@ -354,7 +349,7 @@ def test_unknown_remat_policy_names_the_field():
 
     config = helpers.tiny_config(**{"model.remat": "sometimes"})
     with pytest.raises(UserError, match=r"config.model.remat must be one of .*'sometimes'"):
-        train_state.create_model(config)
+        train_state.model_from_config(config)
 
 
 def test_unknown_conv_impl_names_the_field():
@@ -362,4 +357,4 @@ def test_unknown_conv_impl_names_the_field():
 
     config = helpers.tiny_config(**{"model.conv_impl": "cudnn"})
     with pytest.raises(UserError, match=r"config.model.conv_impl must be one of .*'cudnn'"):
-        train_state.create_model(config)
+        train_state.model_from_config(config)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from murajax import cli, configs, evaluate
+from murajax import cli, configs
+from murajax.modes import evaluate
 from murajax.errors import UserError
 from tests import helpers
 

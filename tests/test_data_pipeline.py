@@ -262,7 +262,8 @@ def test_batch_size_errors(index):
                                         r"number of JAX processes \(4\)"):
         pipeline.train_loader(index, data_config(), global_batch_size=6, seed=0, epoch=0,
                               process_index=0, process_count=4)
-    with pytest.raises(UserError, match="larger than the number of training images"):
+    with pytest.raises(UserError, match=r"the train split has 23 images, fewer than one batch "
+                                        r"\(config.batch_size=32\)"):
         pipeline.train_loader(index, data_config(), global_batch_size=32, seed=0, epoch=0)
     with pytest.raises(UserError, match="config.eval_batch_size"):
         pipeline.eval_loader(index, data_config(), global_batch_size=3, process_count=2)

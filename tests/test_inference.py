@@ -13,9 +13,11 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from murajax import inference, models
+from murajax.data import files
 from murajax.data.dicom import is_dicom, read_dicom
 from murajax.data import images
 from murajax.errors import UserError
+from murajax.modes import predict
 
 SIZE = 64
 HAS_CHECKPOINTS = importlib.util.find_spec("murajax.checkpoints") is not None
@@ -218,7 +220,7 @@ def test_large_16_bit_dicom_decodes_without_big_copies(tmp_path, model, members)
     assert x.shape == (SIZE, SIZE, 3) and x.dtype == np.float32
     assert peak < 64 * 2**20  # 15 MB stored + 7.5 MB result: no full-size float or RGB copies
     predictor = inference.Predictor(model, members[:1], SIZE, batch_size=2)
-    (row,) = predictor.predict(path)
+    (row,) = predictor.predict(path).rows
     assert 0.0 < row.view_probability < 1.0
 
 
@@ -227,7 +229,7 @@ def test_large_16_bit_dicom_decodes_without_big_copies(tmp_path, model, members)
 
 def test_predictor_matches_direct_model_apply(tree, model, members):
     predictor = inference.Predictor(model, members[:1], SIZE, "stretch", 0.5, batch_size=2)
-    rows = predictor.predict(tree)  # 3 readable images: a full and a padded batch
+    rows = predictor.predict(tree).rows  # 3 readable images: a full and a padded batch
     paths = [row.image for row in rows]
     assert [p.split("valid/")[1] for p in paths] == [
         "XR_HAND/patient2/study1/image1.png",
@@ -246,14 +248,16 @@ def test_predictor_matches_direct_model_apply(tree, model, members):
 
 
 def test_ensemble_is_the_mean_of_its_members(tree, model, members):
-    single = [inference.Predictor(model, [v], SIZE, batch_size=2).predict(tree) for v in members]
-    both = inference.Predictor(model, members, SIZE, batch_size=2).predict(tree)
+    single = [inference.Predictor(model, [v], SIZE, batch_size=2).predict(tree).rows
+              for v in members]
+    both = inference.Predictor(model, members, SIZE, batch_size=2).predict(tree).rows
     mean = np.mean([[r.view_probability for r in rows] for rows in single], axis=0)
     np.testing.assert_allclose([r.view_probability for r in both], mean, atol=1e-7)
 
 
 def test_cams_are_at_feature_resolution_and_average_to_the_logit(tree, model, members):
-    rows = inference.Predictor(model, members[:1], SIZE, batch_size=2).predict(tree, cam=True)
+    predictor = inference.Predictor(model, members[:1], SIZE, batch_size=2)
+    rows = predictor.predict(tree, cam=True).rows
     for row in rows:
         assert row.cam.shape == (SIZE // 32, SIZE // 32)
         p = row.view_probability
@@ -262,7 +266,7 @@ def test_cams_are_at_feature_resolution_and_average_to_the_logit(tree, model, me
 
 def test_unreadable_file_is_reported_and_the_others_predicted(tree, model, members):
     predictions = inference.Predictor(model, members[:1], SIZE, batch_size=2).predict(tree)
-    assert len(predictions) == 3
+    assert len(predictions.rows) == 3
     ((path, message),) = predictions.errors
     assert path.endswith("XR_HAND/patient2/study1/image2.png") and "image2.png" in message
 
@@ -282,7 +286,7 @@ def test_single_files_and_dicom_are_accepted(tmp_path, tree, model, members):
     dcm = _write_dicom(tmp_path / "v.dcm",
                        np.random.default_rng(0).integers(0, 4096, (90, 70)).astype(np.uint16))
     png = tree / "XR_WRIST" / "patient1" / "study1_positive" / "image1.png"
-    rows = inference.Predictor(model, members[:1], SIZE, batch_size=2).predict([png, dcm])
+    rows = inference.Predictor(model, members[:1], SIZE, batch_size=2).predict([png, dcm]).rows
     assert [r.study_type for r in rows] == ["XR_WRIST", ""]
     assert rows[0].study.endswith("study1_positive")
 
@@ -303,10 +307,10 @@ def _default_config():
 
 def test_write_predictions_csv_cams_and_errors(tmp_path, tree, model, members):
     predictor = inference.Predictor(model, members, SIZE, "pad", batch_size=2)
-    run = inference.write_predictions(predictor, tree, tmp_path / "out", cam=True)
+    run = predict.write_predictions(predictor, tree, tmp_path / "out", cam=True)
     with open(run.predictions_csv) as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == inference.PREDICTION_COLUMNS and len(rows) == 3
+    assert tuple(rows[0]) == predict.PREDICTION_COLUMNS and len(rows) == 3
     with open(run.errors_csv) as f:
         assert len(list(csv.DictReader(f))) == 1
     cams = sorted(p.name for p in run.cam_dir.iterdir())
@@ -322,10 +326,10 @@ def test_run_predict_without_checkpoints_raises(tmp_path, tree):
     from murajax import checkpoints
 
     with pytest.raises(UserError, match="not a murajax run"):
-        inference.run_predict(tmp_path, tree, tmp_path / "out")
+        predict.run_predict(tmp_path, tree, tmp_path / "out")
     checkpoints.save_run_config(tmp_path, _default_config())
     with pytest.raises(UserError, match="no checkpoints"):
-        inference.run_predict(tmp_path, tree, tmp_path / "out")
+        predict.run_predict(tmp_path, tree, tmp_path / "out")
 
 
 @needs_checkpoints
@@ -339,11 +343,11 @@ def test_from_workdir_uses_the_best_checkpoints_and_the_run_config(tmp_path, tre
     monkeypatch.setattr(checkpoints, "best_steps", lambda workdir, k: asked.append(k) or [20, 10])
     monkeypatch.setattr(checkpoints, "restore_variables",
                         lambda workdir, step: members[{20: 0, 10: 1}[step]])
-    run = inference.run_predict(tmp_path, tree, tmp_path / "out")
+    run = predict.run_predict(tmp_path, tree, tmp_path / "out")
     assert asked == [5] and len(run.rows) == 3
     direct = np.mean([_direct_probabilities(v, [r.image for r in run.rows]) for v in members], 0)
     np.testing.assert_allclose([r.view_probability for r in run.rows], direct, atol=1e-6)
-    inference.Predictor.from_workdir(tmp_path, top_k=1)
+    assert inference.Predictor.from_workdir(tmp_path, top_k=1).steps == [20, 10]
     assert asked[-1] == 1
 
 
@@ -362,8 +366,8 @@ def test_run_predict_on_a_saved_run_ensembles_its_best_checkpoints(tmp_path, tre
     checkpointer.wait()
     checkpointer.close()
 
-    best = inference.run_predict(workdir, tree, tmp_path / "out1")  # top_k from the config: 1
-    both = inference.run_predict(workdir, tree, tmp_path / "out2", top_k=2)
+    best = predict.run_predict(workdir, tree, tmp_path / "out1")  # top_k from the config: 1
+    both = predict.run_predict(workdir, tree, tmp_path / "out2", top_k=2)
     paths = [r.image for r in best.rows]
     np.testing.assert_allclose([r.view_probability for r in best.rows],
                                _direct_probabilities(members[1], paths), atol=1e-6)
@@ -379,8 +383,27 @@ def test_study_folders_with_the_same_name_stay_separate_studies(tmp_path):
         folder = tmp_path / patient / "study1_positive"
         folder.mkdir(parents=True)
         PILImage.new("L", (40, 30), 128).save(folder / "image1.png")
-    images = inference.find_images([tmp_path / "patient1" / "study1_positive",
+    images = files.find_images([tmp_path / "patient1" / "study1_positive",
                                     tmp_path / "patient2" / "study1_positive"])
     assert sorted(i.study for i in images) == ["patient1/study1_positive",
                                                "patient2/study1_positive"]
     assert len({i.name for i in images}) == 2
+
+
+def test_predict_mode_finds_its_inputs_once(tmp_path, tree, model, members, monkeypatch):
+    calls = []
+    real = files.find_images
+    monkeypatch.setattr(predict, "find_images", lambda inputs: calls.append(1) or real(inputs))
+    monkeypatch.setattr(inference.Predictor, "from_workdir",
+                        classmethod(lambda cls, workdir, **kw: cls(model, members[:1], SIZE)))
+    run = predict.run_predict(tmp_path, tree, tmp_path / "out")
+    assert len(calls) == 1 and len(run.rows) == 3 and len(run.errors) == 1
+
+
+def test_predictions_hold_rows_and_errors(tree, model, members):
+    predictions = inference.Predictor(model, members[:1], SIZE, batch_size=2).predict(tree)
+    assert isinstance(predictions, inference.Predictions)
+    assert list(predictions) == predictions.rows and len(predictions) == 3
+    message = predictions.errors[0][1]  # the loader's message, without its training advice
+    assert "image2.png: cannot read image (" in message and message.endswith(").")
+    assert "on_bad_image" not in message

@@ -1,13 +1,16 @@
-"""DenseNet architecture: sizes, shapes, BatchNorm state, remat, mixed precision, input checks."""
+"""The model registry and the DenseNet architecture: names, creation-time settings, sizes,
+shapes, BatchNorm state, remat, mixed precision, input checks."""
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from murajax import models
+from murajax import models, ops
+from murajax.errors import UserError
 
 KEY = jax.random.key(0)
 
@@ -62,7 +65,7 @@ def test_densenet169_parameter_count():
 
 @pytest.mark.parametrize("variant, channels", FEATURES)
 def test_output_and_feature_shapes_at_224(variant, channels):
-    model = models.create_model(variant, num_outputs=3)
+    model = models.create(variant, num_outputs=3)
     (logits, features), variables = jax.eval_shape(
         lambda k, x: model.init_with_output(k, x, return_features=True),
         KEY, jnp.zeros((2, 224, 224, 3)),
@@ -148,8 +151,7 @@ def test_remat_halves_the_compiled_train_steps_temporaries():
     images = _tiny_batch(batch=4, size=64)
     temp_mb = {}
     for policy in ("none", "bottleneck", "layer"):
-        model = models.DenseNet(block_sizes=(8, 8), growth_rate=8, initial_features=16,
-                                bottleneck_width=2, remat=policy)
+        model = models.densenet_tiny(block_sizes=(8, 8), remat=policy)
         variables = _random_variables(model, images)
 
         def loss(params):
@@ -165,12 +167,61 @@ def test_remat_halves_the_compiled_train_steps_temporaries():
 
 
 def test_remat_policy_accepts_booleans_and_rejects_unknown_names():
-    assert models.remat_policy(False) == "none" and models.remat_policy(True) == "bottleneck"
-    assert models.remat_policy("layer") == "layer"
-    assert models.remat_policy("auto") == ("bottleneck" if jax.default_backend() == "cpu"
-                                           else "none")
-    with pytest.raises(ValueError, match="remat must be one of"):
-        models.densenet_tiny(remat="all").init(KEY, _tiny_batch())
+    assert models.resolve_remat(False) == "none" and models.resolve_remat(True) == "bottleneck"
+    assert models.resolve_remat("layer") == "layer"
+    assert models.resolve_remat("auto") == ("bottleneck" if jax.default_backend() == "cpu"
+                                            else "none")
+    with pytest.raises(UserError, match=r"config.model.remat must be one of .*'all'"):
+        models.densenet_tiny(remat="all")
+
+
+def test_unknown_conv_impl_is_refused_when_the_model_is_built():
+    with pytest.raises(UserError, match=r"config.model.conv_impl must be one of .*'cudnn'"):
+        models.densenet_tiny(conv_impl="cudnn")
+
+
+def test_auto_settings_are_resolved_once_when_the_model_is_built():
+    cpu = jax.default_backend() == "cpu"
+    model = models.create("densenet_tiny")
+    assert model.remat == ("bottleneck" if cpu else "none")
+    assert model.conv is (ops.MatmulConv if cpu else nn.Conv)
+    assert models.create("densenet_tiny", conv_impl="xla", remat="layer").conv is nn.Conv
+    assert models.create("densenet_tiny", conv_impl="matmul").conv is ops.MatmulConv
+    # The module itself takes resolved values only.
+    with pytest.raises(ValueError, match="resolved"):
+        models.DenseNet(block_sizes=(1,), remat="auto").init(KEY, _tiny_batch())
+
+
+def test_registry_builds_every_densenet_by_name():
+    assert models.names() == ("densenet121", "densenet161", "densenet169", "densenet201",
+                              "densenet_tiny")
+    for name in models.names():
+        assert models.get(name).name == name
+        assert models.get(name).load_weights is not None  # the Keras HDF5 importer
+    # Equal settings give equal (and hashable) modules: jit's static arguments rely on it.
+    assert models.create("densenet169", num_outputs=2) == models.densenet169(num_outputs=2)
+    assert hash(models.create("densenet_tiny")) == hash(models.densenet_tiny())
+
+
+def test_unknown_model_name_names_the_field_and_the_known_names():
+    with pytest.raises(UserError, match=r"config.model.name='resnet9' is not a known model; "
+                                        r"choose one of \['densenet121', .*'densenet_tiny'\]"):
+        models.create("resnet9")
+
+
+def test_a_name_registers_once():
+    with pytest.raises(ValueError, match="registered twice"):
+        models.register("densenet169", models.densenet169)
+
+
+def test_conv_and_norm_factories_keep_the_parameter_tree():
+    """The factories change how the layers compute, never the variables' names or shapes."""
+    images = _tiny_batch()
+    trees = [jax.eval_shape(models.densenet_tiny(conv_impl=impl).init, KEY, images)
+             for impl in ("xla", "matmul")]
+    assert jax.tree.structure(trees[0]) == jax.tree.structure(trees[1])
+    assert jax.tree.leaves(trees[0]) == jax.tree.leaves(trees[1])
+    assert set(trees[0]["params"]["conv2_block1"]) == {"bottleneck", "norm", "conv"}
 
 
 def test_bfloat16_compute_returns_float32_logits():

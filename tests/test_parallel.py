@@ -49,7 +49,7 @@ def _run_pmap(config, batch):
     step = jax.pmap(functools.partial(_one_step, axis_name=parallel.PMAP_AXIS),
                     axis_name=parallel.PMAP_AXIS)
     grads, loss, probabilities, new = step(state, strategy.shard_batch(batch))
-    first = strategy.host_state
+    first = strategy.one_copy
     return jax.device_get({"params": first(state.params), "grads": first(grads),
                            "loss": strategy.gather(loss),
                            "probabilities": strategy.gather(probabilities),
@@ -126,14 +126,14 @@ def test_strategies_place_examples_and_states_consistently():
                            (parallel.PmapStrategy(), parallel.PMAP_AXIS)):
         state = strategy.init_state(lambda: helpers.tiny_state(config, bn_axis_name=axis))
         state, _ = strategy.train_step(state, strategy.shard_batch(batch))
-        host = steps.apply_plateau(strategy.host_state(state), 1.0, config.optim)
+        host = steps.apply_plateau(strategy.one_copy(state), 1.0, config.optim)
         state = strategy.place_state(host)
         state, _ = strategy.train_step(state, strategy.shard_batch(batch))
         _, _, positions = strategy.eval_step(state, strategy.shard_batch(batch))
         expected = np.arange(GLOBAL_BATCH)
         expected[2] = -1
         np.testing.assert_array_equal(strategy.gather(positions), expected)
-        assert int(strategy.host_state(state).step) == 2
+        assert int(strategy.one_copy(state).step) == 2
 
 
 def test_batch_size_must_divide_across_devices():

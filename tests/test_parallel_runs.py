@@ -25,9 +25,8 @@ def mura_root(tmp_path_factory):
 
 
 def _config(root, parallelism, **overrides):
-    return helpers.tiny_config(**{
-        "data.root": str(root), "data.synthetic_studies": 0, "batch_size": 8,
-        "eval_batch_size": 16, "num_epochs": NUM_EPOCHS, "checkpoint_every_steps": 5,
+    return helpers.run_config(root, **{
+        "num_epochs": NUM_EPOCHS, "checkpoint_every_steps": 5,
         "log_every_steps": 5, "keep_best": 2, "parallelism": parallelism,
         # Adam moves a weight whose gradient is rounding noise by up to a whole step, either
         # way, so how far whole runs drift apart grows with the rate and is chaotic. Measured

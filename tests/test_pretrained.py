@@ -25,6 +25,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 SIZE = 64
+TORCH_BN_EPSILON = 1e-5  # torchvision's DenseNet BatchNorm epsilon (Keras: 1.001e-5)
 PARITY_RTOL = 1e-4  # max|murajax - keras| / max|keras| over the feature maps
 
 
@@ -200,7 +201,7 @@ def test_full_model_and_native_formats_load_identically(keras_run, loaded, shape
 )
 def test_other_architecture_names_first_layer(keras_run, variant, layer, found, expected):
     with pytest.raises(UserError) as info:
-        load_keras_weights(keras_run["legacy"], _shapes(models.create_model(variant), 32))
+        load_keras_weights(keras_run["legacy"], _shapes(models.create(variant), 32))
     message = str(info.value)
     assert str(keras_run["legacy"]) in message and repr(layer) in message
     assert f"shape {found}, expected {expected}" in message
@@ -240,4 +241,20 @@ def test_unusable_files_and_epsilon(keras_run, tmp_path):
         load_keras_weights(empty, template)
     with pytest.raises(UserError, match="bn_epsilon=1e-05"):
         load_keras_weights(keras_run["legacy"], template,
-                           model=models.densenet169(bn_epsilon=models.TORCH_BN_EPSILON))
+                           model=models.densenet169(bn_epsilon=TORCH_BN_EPSILON))
+
+
+def test_training_init_from_refuses_another_epsilon(keras_run):
+    """train.py loads config.init_from through the registry's importer with the model, so a
+    config.model.bn_epsilon other than Keras's is refused (not only warned about)."""
+    import types
+
+    from murajax import train
+    from tests import helpers
+
+    config = helpers.tiny_config(**{"model.bn_epsilon": TORCH_BN_EPSILON,
+                                    "init_from": str(keras_run["legacy"])})
+    strategy = types.SimpleNamespace(one_copy=lambda state: state)
+    state = types.SimpleNamespace(variables={"params": {}})
+    with pytest.raises(UserError, match=r"bn_epsilon=1e-05 \(config.model.bn_epsilon\)"):
+        train._load_pretrained(config, strategy, state)

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from murajax import steps
+from murajax import recipes, steps
+from murajax.errors import UserError
+from murajax.recipes import weighted_bce
 from tests import helpers
 
 
@@ -19,12 +21,12 @@ def test_weighted_bce_matches_hand_computation():
         0.7 * np.log(1.0 + np.exp(2.0)),
         0.2 * np.log(1.0 + np.exp(-1.0)),
     ]
-    np.testing.assert_allclose(steps.weighted_bce(logits, labels, weights), expected, rtol=1e-6)
+    np.testing.assert_allclose(weighted_bce.weighted_bce(logits, labels, weights), expected, rtol=1e-6)
 
 
 def test_example_weights_pick_w_T1_for_abnormal_and_w_T0_for_normal():
     table = jnp.asarray(helpers.loss_weights())
-    weights = steps.example_weights(table, jnp.array([3, 3, -1]), jnp.array([1, 0, 1]))
+    weights = weighted_bce.example_weights(table, jnp.array([3, 3, -1]), jnp.array([1, 0, 1]))
     np.testing.assert_allclose(weights, [table[3, 1], table[3, 0], 1.0])
 
 
@@ -91,3 +93,32 @@ def test_apply_plateau_sets_the_next_learning_rate():
     from murajax import optim
     assert float(optim.learning_rate(state.opt_state)) == pytest.approx(
         config.optim.learning_rate * config.optim.plateau_factor)
+
+
+def test_the_state_recipe_is_the_loss_train_step_minimises():
+    """A recipe is the seam for new losses: one that doubles the paper's loss doubles the
+    training loss and the gradients, while validation keeps reporting the plain loss."""
+    doubled = recipes.Recipe(
+        "doubled", train_loss=lambda logits, batch, state: 2.0 * weighted_bce.per_example_loss(
+            logits, batch, state))
+    plain = helpers.tiny_state()
+    twice = plain.replace(recipe=doubled)
+    batch = helpers.random_batch(6, masked=(1,))
+    grads = jax.jit(lambda s: steps.compute_gradients(s, batch)[0])
+    _, plain_metrics = jax.jit(steps.train_step)(plain, batch)
+    _, twice_metrics = jax.jit(steps.train_step)(twice, batch)
+    assert float(twice_metrics.loss.compute()) == pytest.approx(
+        2 * float(plain_metrics.loss.compute()), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads(twice)), jax.tree.leaves(grads(plain)), strict=True):
+        np.testing.assert_allclose(a, 2 * b, rtol=1e-5, atol=1e-12)
+    plain_eval, _ = jax.jit(steps.eval_step)(plain, batch)
+    twice_eval, _ = jax.jit(steps.eval_step)(twice, batch)
+    assert float(twice_eval.loss.compute()) == float(plain_eval.loss.compute())
+
+
+def test_config_selects_the_recipe_and_refuses_unknown_names():
+    config = helpers.tiny_config()
+    assert recipes.from_config(config) is recipes.RECIPES["weighted_bce"]
+    config.loss.name = "mixup_typo"
+    with pytest.raises(UserError, match=r"config.loss.name='mixup_typo' .* known: weighted_bce"):
+        recipes.from_config(config)

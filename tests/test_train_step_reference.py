@@ -198,8 +198,8 @@ def test_xla_and_matmul_convolutions_agree():
     from murajax import models
 
     images = jnp.asarray(helpers.random_batch(4, seed=5)["image"])
-    xla = models.create_model("densenet_tiny", conv_impl="xla")
-    matmul = models.create_model("densenet_tiny", conv_impl="matmul")
+    xla = models.create("densenet_tiny", conv_impl="xla")
+    matmul = models.create("densenet_tiny", conv_impl="matmul")
     variables = jax.jit(xla.init)(jax.random.key(0), images)
 
     def loss(model, params):

@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.conv_impl = "auto"
     config.model.bn_epsilon = 1.001e-5  # Keras's value: required when init_from is a Keras file
 
+    config.task = "mura"  # what the data means (murajax/tasks): MURA's binary study labels
+
     config.data = ml_collections.ConfigDict()
     config.data.root = ""  # the MURA-v1.1 folder (the one holding train_image_paths.csv)
     config.data.synthetic_studies = 0  # >0 and root empty: generate synthetic MURA in workdir
@@ -43,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 8  # global, across all devices and processes
     config.eval_batch_size = 16
     config.num_epochs = 20
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = "weighted_bce"  # the training recipe (murajax/recipes): the paper's loss
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 1e-4

@@ -1,5 +1,5 @@
-"""MURA data: the reader (``mura``), image decoding (``images``) and Grain pipelines
-(``pipeline``).
+"""MURA data: the reader (``mura``), finding image files (``files``), image decoding
+(``images``) and Grain pipelines (``pipeline``).
 
 The names below are imported lazily, so ``from murajax.data import images`` does not pull in
 Grain (and JAX) when only decoding is needed.
@@ -13,8 +13,9 @@ _EXPORTS = {
     "MuraIndex": "mura",
     "class_weights": "mura",
     "index_from_config": "mura",
-    "read_folder": "mura",
     "read_split": "mura",
+    "study_type_from_path": "mura",
+    "find_images": "files",
     "load_image": "images",
     "preprocess": "images",
     "eval_loader": "pipeline",

@@ -40,6 +40,17 @@ def _bad_image(path, reason) -> UserError:
     return UserError(f"{path}: cannot read image ({reason}). {_FIX}")
 
 
+def without_training_advice(error: BaseException) -> str:
+    """The message of a decoding error without the advice the loader adds for training runs
+    (remove the CSV row, ``config.data.on_bad_image=skip``), which does not apply outside them
+    (prediction): ``"<path>: cannot read image (<reason>)."``. Other messages come back whole;
+    an empty one is the error's type name."""
+    message = str(error) or type(error).__name__
+    if message.endswith(_FIX):
+        message = message[: -len(_FIX)].rstrip()
+    return message
+
+
 def _to_l_or_rgb(image: Image.Image, path) -> Image.Image:
     """Any PIL mode -> 'L' (grayscale) or 'RGB', uint8."""
     mode = image.mode

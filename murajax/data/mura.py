@@ -1,4 +1,5 @@
-"""Reading MURA: the CSVs of MURA-v1.1 (or any folder of studies) into an index of images.
+"""Reading MURA: the CSVs of MURA-v1.1 into an index of images; the study type a path names
+(``study_type_from_path``, the one rule for it). Folders of new images: ``murajax.data.files``.
 
 MURA-v1.1 layout (see docs / MURA.md)::
 
@@ -16,6 +17,11 @@ missing on disk may instead be skipped (``on_missing='skip'``), and skips are co
 
 Study ids are the study folder relative to the MURA-v1.1 folder, without the trailing slash:
 ``"valid/XR_WRIST/patient11185/study1_positive"``.
+
+This module owns the index (``ImageRecord``, ``MuraIndex``), reading it from MURA-v1.1's CSVs
+(``read_split``: the split's files, then its study rows, then its image rows, each a small
+function) or from folders (``read_folder``), the subset options (study types, fraction) and
+the per-type class weights.
 """
 
 from __future__ import annotations
@@ -49,7 +55,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".
 ON_MISSING = ("error", "skip")
 _MAX_LOGGED_SKIPS = 10
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_NATURAL_RE = re.compile(r"(\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +307,158 @@ def _relative(path_field: str, root: pathlib.Path) -> str | None:
     return "/".join(parts)
 
 
+class _Skips:
+    """The rows ``read_split`` skips, counted by reason; the first few are logged."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self._logged = 0
+
+    def __call__(self, reason: str, message: str) -> None:
+        self.counts[reason] += 1
+        if self._logged < _MAX_LOGGED_SKIPS:
+            logging.warning("Skipping %s", message)
+            self._logged += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitFiles:
+    """The two CSVs of one split, checked to exist with the split's image folder."""
+
+    root: pathlib.Path
+    split: str
+    images_csv: pathlib.Path
+    studies_csv: pathlib.Path
+
+
+def _split_files(root, split: str) -> _SplitFiles:
+    if not isinstance(split, str) or not _SPLIT_RE.match(split):
+        raise UserError(f"split must be a name such as 'train' or 'valid', got {split!r}")
+    root = _resolve_root(root)
+    files = _SplitFiles(root, split, root / f"{split}_image_paths.csv",
+                        root / f"{split}_labeled_studies.csv")
+    for csv_path in (files.studies_csv, files.images_csv):
+        if not csv_path.is_file():
+            raise UserError(
+                f"{csv_path}: CSV file missing. config.data.root must be the MURA-v1.1 folder "
+                f"holding {split}_image_paths.csv and {split}_labeled_studies.csv; re-extract "
+                "the MURA-v1.1 download there or point --config.data.root at the right folder."
+            )
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(
+            f"{split_dir}: folder missing (the images of the {split!r} split). Extract the "
+            "complete MURA-v1.1 download into config.data.root."
+        )
+    return files
+
+
+def _study_label(where: str, fields: list[str], parts: list[str]) -> int:
+    """The label of a study row, checked against the study folder's name."""
+    if fields[1] not in ("0", "1"):
+        raise UserError(
+            f"{where}: malformed label {fields[1]!r} for {fields[0]!r}: expected 0 (normal) or "
+            "1 (abnormal). Fix or remove the row."
+        )
+    label = int(fields[1])
+    _check_study_type(where, parts, fields[0])
+    suffix_label = _label_from_suffix(parts[3])
+    if suffix_label >= 0 and suffix_label != label:
+        raise UserError(
+            f"{where}: label {label} disagrees with the folder name {parts[3]!r} "
+            f"(_positive means 1, _negative means 0). Correct the label or the folder name."
+        )
+    return label
+
+
+def _read_studies(files: _SplitFiles, skip: _Skips) -> tuple[dict[str, int], dict[str, int]]:
+    """Study rows ("<study dir>/,<label>"): (study id -> label, study id -> CSV row number)."""
+    split = files.split
+    study_label: dict[str, int] = {}
+    study_row: dict[str, int] = {}
+    for row_number, fields in _read_csv_rows(files.studies_csv):
+        where = f"{files.studies_csv}, row {row_number}"
+        rel, parts = _row_path(
+            where, fields, files.root, split,
+            row_form="'<study folder>/,<label>' (e.g. "
+                     f"'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/,1')",
+            kind="study", path_form=f"MURA-v1.1/{split}/<study type>/<patient>/<study>/",
+            depth=4,
+        )
+        label = _study_label(where, fields, parts)
+        if rel in study_label:
+            if study_label[rel] != label:
+                raise UserError(
+                    f"{where}: study {fields[0]!r} is listed again with label {label}, but row "
+                    f"{study_row[rel]} gives {study_label[rel]}. Keep one row."
+                )
+            skip("duplicate study row", f"{where}: duplicate of row {study_row[rel]}")
+            continue
+        study_label[rel] = label
+        study_row[rel] = row_number
+    return study_label, study_row
+
+
+def _read_images(files: _SplitFiles, study_label: dict[str, int], on_missing: str,
+                 skip: _Skips) -> list[ImageRecord]:
+    """Image rows (one path a row) of listed studies, in file order, duplicates and (with
+    ``on_missing='skip'``) missing files skipped."""
+    split, images_csv, studies_csv = files.split, files.images_csv, files.studies_csv
+    records: list[ImageRecord] = []
+    seen_images: dict[str, int] = {}
+    dir_cache: dict[str, set[str] | None] = {}
+    for row_number, fields in _read_csv_rows(images_csv):
+        where = f"{images_csv}, row {row_number}"
+        rel, parts = _row_path(
+            where, fields, files.root, split,
+            row_form="one image path such as "
+                     f"'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/image1.png'",
+            kind="image", depth=5,
+            path_form=f"MURA-v1.1/{split}/<study type>/<patient>/<study>/<image>.png",
+        )
+        _check_study_type(where, parts, fields[0])
+        study = "/".join(parts[:4])
+        if study not in study_label:
+            raise UserError(
+                f"{where}: image {fields[0]!r} belongs to study '{study}/', which "
+                f"{studies_csv.name} does not list. Add the study with its label to "
+                f"{studies_csv} or remove the row."
+            )
+        if rel in seen_images:
+            skip("duplicate image row", f"{where}: duplicate of row {seen_images[rel]}")
+            continue
+        seen_images[rel] = row_number
+        path = files.root / rel
+        if not _exists(path, dir_cache):
+            if on_missing == "error":
+                raise UserError(
+                    f"{where}: image {fields[0]!r} is listed but missing: {path}. Restore the "
+                    f"file, remove the row from {images_csv.name}, or set "
+                    "--config.data.on_missing=skip to skip missing images."
+                )
+            skip("missing image", f"{where}: missing image {path}")
+            continue
+        records.append(
+            ImageRecord(
+                path=str(path),
+                study=study,
+                study_type=STUDY_TYPES.index(parts[1]),
+                patient=parts[2],
+                label=study_label[study],
+            )
+        )
+    return records
+
+
+def _skip_studies_without_images(files: _SplitFiles, study_row: dict[str, int],
+                                 records: list[ImageRecord], skip: _Skips) -> None:
+    with_images = set(r.study for r in records)
+    for study in study_row:
+        if study not in with_images:
+            skip("study without images", f"{files.studies_csv}, row {study_row[study]}: study "
+                 f"'{study}/' has no (existing) images in {files.images_csv.name}")
+
+
 def read_split(
     root,
     split: str,
@@ -326,139 +483,30 @@ def read_split(
     on_missing = _check_on_missing(on_missing)
     types = parse_study_types(study_types)
     fraction = _check_fraction(fraction)
-    if not isinstance(split, str) or not _SPLIT_RE.match(split):
-        raise UserError(f"split must be a name such as 'train' or 'valid', got {split!r}")
-    root = _resolve_root(root)
-    images_csv = root / f"{split}_image_paths.csv"
-    studies_csv = root / f"{split}_labeled_studies.csv"
-    for csv_path in (studies_csv, images_csv):
-        if not csv_path.is_file():
-            raise UserError(
-                f"{csv_path}: CSV file missing. config.data.root must be the MURA-v1.1 folder "
-                f"holding {split}_image_paths.csv and {split}_labeled_studies.csv; re-extract "
-                "the MURA-v1.1 download there or point --config.data.root at the right folder."
-            )
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise UserError(
-            f"{split_dir}: folder missing (the images of the {split!r} split). Extract the "
-            "complete MURA-v1.1 download into config.data.root."
-        )
+    files = _split_files(root, split)
+    skip = _Skips()
+    study_label, study_row = _read_studies(files, skip)
+    records = _read_images(files, study_label, on_missing, skip)
+    _skip_studies_without_images(files, study_row, records, skip)
 
-    skipped: collections.Counter = collections.Counter()
-    logged = 0
-
-    def skip(reason: str, message: str) -> None:
-        nonlocal logged
-        skipped[reason] += 1
-        if logged < _MAX_LOGGED_SKIPS:
-            logging.warning("Skipping %s", message)
-            logged += 1
-
-    # Studies: "<study dir>/,<label>".
-    study_label: dict[str, int] = {}
-    study_row: dict[str, int] = {}
-    for row_number, fields in _read_csv_rows(studies_csv):
-        where = f"{studies_csv}, row {row_number}"
-        rel, parts = _row_path(
-            where, fields, root, split,
-            row_form="'<study folder>/,<label>' (e.g. "
-                     f"'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/,1')",
-            kind="study", path_form=f"MURA-v1.1/{split}/<study type>/<patient>/<study>/",
-            depth=4,
-        )
-        if fields[1] not in ("0", "1"):
-            raise UserError(
-                f"{where}: malformed label {fields[1]!r} for {fields[0]!r}: expected 0 (normal) or "
-                "1 (abnormal). Fix or remove the row."
-            )
-        label = int(fields[1])
-        _check_study_type(where, parts, fields[0])
-        suffix_label = _label_from_suffix(parts[3])
-        if suffix_label >= 0 and suffix_label != label:
-            raise UserError(
-                f"{where}: label {label} disagrees with the folder name {parts[3]!r} "
-                f"(_positive means 1, _negative means 0). Correct the label or the folder name."
-            )
-        if rel in study_label:
-            if study_label[rel] != label:
-                raise UserError(
-                    f"{where}: study {fields[0]!r} is listed again with label {label}, but row "
-                    f"{study_row[rel]} gives {study_label[rel]}. Keep one row."
-                )
-            skip("duplicate study row", f"{where}: duplicate of row {study_row[rel]}")
-            continue
-        study_label[rel] = label
-        study_row[rel] = row_number
-
-    # Images: one path a row.
-    records: list[ImageRecord] = []
-    seen_images: dict[str, int] = {}
-    dir_cache: dict[str, set[str] | None] = {}
-    for row_number, fields in _read_csv_rows(images_csv):
-        where = f"{images_csv}, row {row_number}"
-        rel, parts = _row_path(
-            where, fields, root, split,
-            row_form="one image path such as "
-                     f"'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/image1.png'",
-            kind="image", depth=5,
-            path_form=f"MURA-v1.1/{split}/<study type>/<patient>/<study>/<image>.png",
-        )
-        _check_study_type(where, parts, fields[0])
-        study = "/".join(parts[:4])
-        if study not in study_label:
-            raise UserError(
-                f"{where}: image {fields[0]!r} belongs to study '{study}/', which "
-                f"{studies_csv.name} does not list. Add the study with its label to "
-                f"{studies_csv} or remove the row."
-            )
-        if rel in seen_images:
-            skip("duplicate image row", f"{where}: duplicate of row {seen_images[rel]}")
-            continue
-        seen_images[rel] = row_number
-        path = root / rel
-        if not _exists(path, dir_cache):
-            if on_missing == "error":
-                raise UserError(
-                    f"{where}: image {fields[0]!r} is listed but missing: {path}. Restore the "
-                    f"file, remove the row from {images_csv.name}, or set "
-                    "--config.data.on_missing=skip to skip missing images."
-                )
-            skip("missing image", f"{where}: missing image {path}")
-            continue
-        records.append(
-            ImageRecord(
-                path=str(path),
-                study=study,
-                study_type=STUDY_TYPES.index(parts[1]),
-                patient=parts[2],
-                label=study_label[study],
-            )
-        )
-
-    with_images = set(r.study for r in records)
-    for study in study_label:
-        if study not in with_images:
-            skip("study without images", f"{studies_csv}, row {study_row[study]}: study "
-                 f"'{study}/' has no (existing) images in {images_csv.name}")
-
+    skipped = skip.counts
     index = index_from_records(records, skipped)
     index = _filter_types(index, types)
     index = select_fraction(index, fraction, seed)
     if skipped:
         logging.warning(
-            "MURA %s split at %s: skipped %s.", split, root,
+            "MURA %s split at %s: skipped %s.", split, files.root,
             ", ".join(f"{n} {reason}(s)" for reason, n in sorted(skipped.items())),
         )
     if not index.images:
         raise UserError(
-            f"{images_csv}: no images left to use (study_types={study_types!r}, "
+            f"{files.images_csv}: no images left to use (study_types={study_types!r}, "
             f"fraction={fraction}, skipped: {dict(skipped) or 'none'}). Check config.data.root, "
             "config.data.study_types and config.data.fraction."
         )
     logging.info(
         "MURA %s: %d images, %d studies from %s%s.", split, len(index.images),
-        len(index.studies), root,
+        len(index.studies), files.root,
         f" (study types {', '.join(STUDY_TYPES[t] for t in types)})" if types else "",
     )
     return index
@@ -502,81 +550,23 @@ def _resolve_root(root) -> pathlib.Path:
 
 
 # ------------------------------------------------------------------------------------------
-# Folders of studies (prediction).
+# Study types from paths.
 
 
-def _natural_key(name: str):
-    return [int(t) if t.isdigit() else t.lower() for t in _NATURAL_RE.split(name)]
+def study_type_from_path(path) -> int:
+    """The study type a path names: the index in STUDY_TYPES of its last component that is an
+    ``XR_*`` study type (case-insensitive: ``xr_wrist`` counts), -1 if none.
 
-
-def _is_image_file(entry: os.DirEntry) -> bool:
-    return (
-        not entry.name.startswith(".")
-        and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-        and entry.is_file()
-    )
-
-
-def read_folder(path) -> MuraIndex:
-    """Indexes a folder of images for prediction: a single study folder, a tree of (possibly
-    unlabeled) study folders such as the test-style ``XR_WRIST/patient1/study1/``, or any folders
-    of images. Each folder that directly holds image files is one study; dot-files and
-    dot-folders are ignored.
-
-    Study type comes from an ``XR_*`` path component (-1 if none), patient from a ``patient*``
-    component ("" if none), label from a ``_positive``/``_negative`` suffix (-1 if none).
-    Study ids are folder paths relative to ``path`` (the folder's own name if ``path`` itself is
-    a study).
+    The one rule for this everywhere (prediction inputs, evaluation study ids). Components are
+    split at ``/`` and ``\\``; the path is taken as given, so pass an absolute path to let the
+    folders above a relative one count.
     """
-    if path is None or str(path) == "":
-        raise UserError("No folder given: pass the folder holding the study (or studies).")
-    base = pathlib.Path(os.path.expanduser(str(path))).absolute()
-    if not base.exists():
-        raise UserError(f"{base}: folder missing. Pass an existing folder of studies or images.")
-    if base.is_file():
-        raise UserError(
-            f"{base}: a file, not a folder. Pass the folder holding the study's images."
-        )
-    records: list[ImageRecord] = []
-    for folder, dirnames, _ in os.walk(base):
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=_natural_key)
-        with os.scandir(folder) as it:
-            files = sorted((e.name for e in it if _is_image_file(e)), key=_natural_key)
-        if not files:
-            continue
-        folder_path = pathlib.Path(folder)
-        rel = folder_path.relative_to(base).as_posix()
-        study = base.name if rel == "." else rel
-        # The folder's own path below ``base``, plus ``base`` and its two parents (so a single
-        # study folder .../XR_WRIST/patient1/study1 still gets its type and patient).
-        components = list(base.parts[-3:]) + (
-            [] if rel == "." else list(folder_path.relative_to(base).parts))
-        study_type = -1
-        patient = ""
-        for c in components:
-            if c.upper() in STUDY_TYPES:
-                study_type = STUDY_TYPES.index(c.upper())
-            if c.lower().startswith("patient"):
-                patient = c
-        label = _label_from_suffix(folder_path.name)
-        for name in files:
-            records.append(
-                ImageRecord(
-                    path=str(folder_path / name),
-                    study=study,
-                    study_type=study_type,
-                    patient=patient,
-                    label=label,
-                )
-            )
-    if not records:
-        raise UserError(
-            f"{base}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in it or its "
-            "sub-folders. Pass the folder holding the study folders."
-        )
-    index = index_from_records(records)
-    logging.info("%s: %d images in %d studies.", base, len(index.images), len(index.studies))
-    return index
+    found = -1
+    for part in re.split(r"[\\/]", os.fspath(path)):
+        key = part.upper()
+        if key in STUDY_TYPES:
+            found = STUDY_TYPES.index(key)
+    return found
 
 
 # ------------------------------------------------------------------------------------------

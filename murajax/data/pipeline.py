@@ -1,5 +1,10 @@
 """Grain input pipelines: training (shuffled, augmented) and evaluation (every image once).
 
+This module owns the batches: the epoch plan, building batches from an index, the iterators'
+checkpointable state, and the checks of the ``config.data`` fields it reads (read as they are:
+the defaults live in murajax/configs/default.py) and of the batch sizes, including the one
+check that the train split holds at least one batch.
+
 Batches are dicts of numpy arrays with local batch size ``b = global_batch_size / process_count``::
 
     image       float32 [b, S, S, 3]  ImageNet-normalised
@@ -45,10 +50,23 @@ _MAX_LOGGED_BAD = 20
 
 
 def steps_per_epoch(num_images: int, global_batch_size: int) -> int:
-    """Training batches in one epoch (the remainder is dropped)."""
+    """Training batches in one epoch (the remainder is dropped); may be 0."""
     if global_batch_size <= 0:
         raise UserError(f"config.batch_size must be positive, got {global_batch_size}")
     return int(num_images) // int(global_batch_size)
+
+
+def train_steps_per_epoch(num_images: int, global_batch_size: int) -> int:
+    """``steps_per_epoch``, refusing a train split of fewer than one batch (the one place
+    that is checked: ``train_loader`` calls it, and so can a training loop up front)."""
+    steps = steps_per_epoch(num_images, global_batch_size)
+    if steps == 0:
+        raise UserError(
+            f"the train split has {num_images} images, fewer than one batch "
+            f"(config.batch_size={global_batch_size}). Use a smaller batch size or more data "
+            "(config.data.fraction, config.data.study_types)."
+        )
+    return steps
 
 
 def num_eval_batches(num_images: int, global_batch_size: int) -> int:
@@ -62,44 +80,45 @@ def num_eval_batches(num_images: int, global_batch_size: int) -> int:
 # Config checks.
 
 
-def _get(cfg, name, default):
-    try:
-        return cfg.get(name, default)
-    except AttributeError:
-        return getattr(cfg, name, default)
-
-
 def _check_int(value, field, minimum):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise UserError(f"config.data.{field} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
+def _check_rotation(value) -> float:
+    try:
+        rotation = float(value)
+    except (TypeError, ValueError):
+        rotation = float("nan")
+    if not (0.0 <= rotation <= 180.0):
+        raise UserError(
+            f"config.data.rotation_degrees must be a number in [0, 180], got {value!r}"
+        )
+    return rotation
+
+
+def _check_on_bad_image(value) -> str:
+    if value not in ("error", "skip"):
+        raise UserError(f"config.data.on_bad_image must be 'error' or 'skip', got {value!r}")
+    return value
+
+
 class _Options:
-    """The validated fields of ``config.data`` that the pipeline uses (picklable)."""
+    """The validated fields of ``config.data`` that the pipeline uses (picklable).
+
+    The fields are read as they are: ``murajax/configs/default.py`` is the one place their
+    defaults live, and every config (and a run's saved ``config.json``) has them.
+    """
 
     def __init__(self, data_config):
-        self.image_size = images_lib.check_image_size(_get(data_config, "image_size", 320))
-        self.resize = images_lib.check_resize(_get(data_config, "resize", "stretch"))
-        self.hflip = bool(_get(data_config, "hflip", True))
-        rotation = _get(data_config, "rotation_degrees", 30.0)
-        try:
-            rotation = float(rotation)
-        except (TypeError, ValueError):
-            rotation = float("nan")
-        if not (0.0 <= rotation <= 180.0):
-            raise UserError(
-                f"config.data.rotation_degrees must be a number in [0, 180], got "
-                f"{_get(data_config, 'rotation_degrees', None)!r}"
-            )
-        self.rotation_degrees = rotation
-        self.on_bad_image = _get(data_config, "on_bad_image", "error")
-        if self.on_bad_image not in ("error", "skip"):
-            raise UserError(
-                f"config.data.on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}"
-            )
-        self.num_workers = _check_int(_get(data_config, "num_workers", 0), "num_workers", 0)
-        self.prefetch = _check_int(_get(data_config, "prefetch", 2), "prefetch", 0)
+        self.image_size = images_lib.check_image_size(data_config.image_size)
+        self.resize = images_lib.check_resize(data_config.resize)
+        self.hflip = bool(data_config.hflip)
+        self.rotation_degrees = _check_rotation(data_config.rotation_degrees)
+        self.on_bad_image = _check_on_bad_image(data_config.on_bad_image)
+        self.num_workers = _check_int(data_config.num_workers, "num_workers", 0)
+        self.prefetch = _check_int(data_config.prefetch, "prefetch", 0)
 
 
 def _check_processes(global_batch_size, process_index, process_count, field):
@@ -369,13 +388,7 @@ def train_loader(index: MuraIndex, data_config, *, global_batch_size: int, seed:
     options = _Options(data_config)
     b = _check_processes(global_batch_size, process_index, process_count, "config.batch_size")
     num_images = len(index.images)
-    steps = steps_per_epoch(num_images, global_batch_size)
-    if steps == 0:
-        raise UserError(
-            f"config.batch_size ({global_batch_size}) is larger than the number of training "
-            f"images ({num_images}). Use a smaller batch size or more data "
-            "(config.data.fraction, config.data.study_types)."
-        )
+    steps = train_steps_per_epoch(num_images, global_batch_size)
     positions, flips, angles = epoch_plan(
         num_images, global_batch_size=global_batch_size, seed=seed, epoch=epoch,
         hflip=options.hflip, rotation_degrees=options.rotation_degrees,

@@ -1,0 +1,116 @@
+"""The backbone seam: model constructors by ``config.model.name``, and the creation-time
+settings every backbone shares, resolved here once.
+
+A backbone module (``murajax/models/densenet.py``; later ``resnet.py``, ``vit.py``) calls
+``register(name, build, load_weights=...)`` for each of its variants, and gets one import line
+in ``murajax/models/__init__.py``. Nothing else changes for a new backbone.
+
+* ``build(**overrides)`` returns a linen module called as
+  ``model.apply(variables, images, train=False, return_features=False)`` on NHWC images, giving
+  float32 logits ``[batch, num_outputs]``, or ``(logits, features)`` with ``return_features``
+  (the pre-logits feature map or vector; class activation maps use it). It accepts at least
+  ``num_outputs``, ``dtype``, ``bn_epsilon``, ``bn_momentum``, ``bn_axis_name``, ``remat`` and
+  ``conv_impl`` (what ``train_state.model_from_config`` passes).
+* ``load_weights(path, variables, *, model)`` (optional) returns ``variables`` with the
+  backbone taken from a weight file (the Keras HDF5 importer for the DenseNets); it raises a
+  UserError for a file or a model setting that does not fit.
+
+``'auto'`` settings are resolved against JAX's default backend here and nowhere else:
+``resolve_conv_impl`` ('matmul' on CPU, 'xla' elsewhere) and ``resolve_remat`` ('bottleneck'
+on CPU, 'none' elsewhere; docs/performance.md). A constructor calls them once, when it builds
+the model; modules receive resolved values. Bad values are UserErrors naming the config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from murajax import ops
+from murajax.errors import UserError
+
+# How convolutions run (speed only: parameters and results are the same): the matmul
+# formulation of murajax.ops, XLA's convolutions, or 'auto' (the first on CPU).
+CONV_IMPLS = ("auto", "matmul", "xla")
+# What the backward pass recomputes instead of storing: nothing; each dense layer's
+# concatenation -> BN -> ReLU (cheap elementwise work); or the whole layer minus its 3x3 output
+# (adds the 1x1 matmul again). 'auto': 'bottleneck' on CPU, where it is also faster (XLA:CPU
+# streams and faults in less scratch memory every step), 'none' elsewhere.
+# docs/performance.md has their memory and time.
+REMAT_POLICIES = ("auto", "none", "bottleneck", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A registered model: its name, constructor and (optional) weight importer."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    load_weights: Callable[..., Any] | None = None
+
+
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def register(name: str, build: Callable[..., nn.Module], *,
+             load_weights: Callable[..., Any] | None = None) -> Backbone:
+    """Makes ``build`` the constructor of ``config.model.name == name``."""
+    if name in _BACKBONES:
+        raise ValueError(f"model {name!r} is registered twice")
+    backbone = Backbone(name, build, load_weights)
+    _BACKBONES[name] = backbone
+    return backbone
+
+
+def names() -> tuple[str, ...]:
+    """The registered model names, sorted."""
+    return tuple(sorted(_BACKBONES))
+
+
+def get(name: str) -> Backbone:
+    """The registered backbone ``name``; a UserError listing the known names otherwise."""
+    try:
+        return _BACKBONES[name]
+    except (KeyError, TypeError):
+        raise UserError(f"config.model.name={name!r} is not a known model; choose one of "
+                        f"{list(names())}") from None
+
+
+def create(name: str, **overrides) -> nn.Module:
+    """The model ``name`` built by its registered constructor with ``overrides``."""
+    return get(name).build(**overrides)
+
+
+def _resolve(field: str, value, choices, on_cpu: str, elsewhere: str, also: str = "") -> str:
+    """``value`` checked against ``choices``, with 'auto' resolved for JAX's default backend:
+    the one place murajax asks which backend it runs on."""
+    if value not in choices:
+        raise UserError(f"config.model.{field} must be one of {list(choices)}{also}, "
+                        f"got {value!r}")
+    if value == "auto":
+        return on_cpu if jax.default_backend() == "cpu" else elsewhere
+    return value
+
+
+def resolve_conv_impl(value: str) -> str:
+    """``conv_impl`` as 'matmul' or 'xla' for JAX's default backend."""
+    return _resolve("conv_impl", value, CONV_IMPLS, on_cpu="matmul", elsewhere="xla")
+
+
+def conv_module(conv_impl: str) -> type[nn.Module]:
+    """The convolution module ``conv_impl`` selects: ``nn.Conv`` or ``ops.MatmulConv`` (same
+    arguments and parameters)."""
+    return ops.MatmulConv if resolve_conv_impl(conv_impl) == "matmul" else nn.Conv
+
+
+def resolve_remat(value: bool | str) -> str:
+    """``remat`` as 'none', 'bottleneck' or 'layer' for JAX's default backend; booleans mean
+    'none'/'bottleneck'."""
+    if isinstance(value, (bool, np.bool_)):
+        return "bottleneck" if value else "none"
+    return _resolve("remat", value, REMAT_POLICIES, on_cpu="bottleneck", elsewhere="none",
+                    also=" (or a bool)")

@@ -1,0 +1,126 @@
+"""``murajax --mode=predict``: a trained run's ensemble on new radiographs -> files.
+
+``run_predict(workdir, inputs, output_dir)`` finds the input images once (failing on bad inputs
+before any checkpoint is loaded), builds the run's ``Predictor`` and writes, under
+``output_dir``, ``predictions.csv``, ``errors.csv`` (unreadable inputs, failed overlays) and,
+with ``cam``, ``cam/<name>.png`` overlays at each image's original size. ``write_predictions``
+does the same with a ``Predictor`` already at hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from absl import logging
+from PIL import Image
+
+from murajax.data.files import ImageInput, find_images
+from murajax.errors import UserError
+from murajax.inference.cam import cam_box, load_original, overlay
+from murajax.inference.predictor import (DECODE_ERRORS, PredictionRow, Predictor,
+                                         describe_unreadable)
+
+PREDICTION_COLUMNS = ("study", "image", "study_type", "view_probability", "study_probability",
+                      "decision")
+ERROR_COLUMNS = ("image", "error")
+
+
+@dataclasses.dataclass
+class PredictRun:
+    """What ``run_predict`` wrote."""
+
+    rows: list[PredictionRow]
+    errors: list[tuple[str, str]]  # (image, message): unreadable inputs, and failed overlays
+    predictions_csv: Path
+    errors_csv: Path | None  # written only when there were errors
+    cam_dir: Path | None
+
+
+def csv_row(row: PredictionRow) -> dict[str, Any]:
+    """A row of predictions.csv (``PREDICTION_COLUMNS``; probabilities to 6 decimals)."""
+    return {
+        "study": row.study,
+        "image": row.image,
+        "study_type": row.study_type,
+        "view_probability": f"{row.view_probability:.6f}",
+        "study_probability": f"{row.study_probability:.6f}",
+        "decision": row.decision,
+    }
+
+
+def write_predictions(predictor: Predictor, inputs, output_dir: str | os.PathLike, *,
+                      cam: bool = False, alpha: float = 0.4, cmap: str = "jet") -> PredictRun:
+    """Runs ``predictor`` on ``inputs`` (paths, see ``find_images``) and writes the outputs
+    (see ``run_predict``)."""
+    return _write(predictor, find_images(inputs), output_dir, cam=cam, alpha=alpha, cmap=cmap)
+
+
+def _write(predictor: Predictor, items: Sequence[ImageInput], output_dir: str | os.PathLike, *,
+           cam: bool, alpha: float = 0.4, cmap: str = "jet") -> PredictRun:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    predictions = predictor.predict_images(items, cam=cam)
+    rows, errors = predictions.rows, list(predictions.errors)
+
+    predictions_csv = output_dir / "predictions.csv"
+    with open(predictions_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PREDICTION_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(csv_row(row))
+
+    cam_dir = None
+    if cam:
+        cam_dir = output_dir / "cam"
+        cam_dir.mkdir(exist_ok=True)
+        for row in rows:
+            try:  # decode again, one image at a time: overlays are at the original size
+                original = load_original(row.image)
+                box = cam_box(original.shape[0], original.shape[1], predictor.image_size,
+                              predictor.resize, row.cam.shape[0], row.cam.shape[1])
+                Image.fromarray(overlay(original, row.cam, alpha, cmap, cam_box=box)).save(
+                    cam_dir / f"{row.name}.png"
+                )
+                del original
+            except DECODE_ERRORS as e:
+                message = describe_unreadable(row.image, e)
+                logging.warning("No CAM overlay: %s", message)
+                errors.append((row.image, f"CAM overlay failed: {message}"))
+
+    errors_csv = None
+    if errors:
+        errors_csv = output_dir / "errors.csv"
+        with open(errors_csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(ERROR_COLUMNS)
+            writer.writerows(errors)
+    studies = len({row.study for row in rows})
+    logging.info("Predicted %d images in %d studies -> %s%s.", len(rows), studies,
+                 predictions_csv, f" (CAM overlays in {cam_dir})" if cam_dir else "")
+    if errors:
+        logging.warning("%d file(s) could not be used; listed in %s:\n  %s", len(errors),
+                        errors_csv, "\n  ".join(message for _, message in errors))
+    if not rows:
+        raise UserError(f"none of the {len(items)} images could be read; see {errors_csv}")
+    return PredictRun(list(rows), errors, predictions_csv, errors_csv, cam_dir)
+
+
+def run_predict(workdir: str | os.PathLike, inputs, output_dir: str | os.PathLike, *,
+        cam: bool = False, top_k: int | None = None, **kwargs) -> PredictRun:
+    """Predicts with a trained run's ensemble and writes, under ``output_dir``:
+
+    * ``predictions.csv``: study, image, study_type, view_probability, study_probability,
+      decision (1 abnormal / 0 normal), one row per readable image;
+    * ``errors.csv`` (image, error) when some inputs could not be read (they are skipped);
+    * with ``cam``, ``cam/<relative path>.png``: each image's CAM overlay at its original size.
+
+    Raises ``UserError`` for no inputs/images, a workdir without checkpoints, or when no image
+    could be read at all. ``kwargs`` go to ``Predictor.from_workdir`` (batch_size, threshold).
+    """
+    items = find_images(inputs)  # fail on bad inputs before loading any checkpoint
+    predictor = Predictor.from_workdir(workdir, top_k=top_k, **kwargs)
+    return _write(predictor, items, output_dir, cam=cam)
