@@ -1,10 +1,11 @@
 """Synthetic MURA: a small dataset in the exact MURA-v1.1 layout, for demos and tests.
 
-    python -m murajax.synthetic --out DIR [--studies N] [--seed S] [--valid_fraction F]
+    python -m murajax.synthetic --out DIR [--num_studies N] [--seed S] [--valid_fraction F]
+        [--label_noise P [--noise_mode symmetric|asymmetric]] [--unlabeled_fraction Q]
         [--workers W]
 
-writes ``DIR/MURA-v1.1/`` with ``{train,valid}_image_paths.csv``,
-``{train,valid}_labeled_studies.csv`` and
+(``--studies`` is the older name of ``--num_studies``) writes ``DIR/MURA-v1.1/`` with
+``{train,valid}_image_paths.csv``, ``{train,valid}_labeled_studies.csv`` and
 ``{train,valid}/XR_<TYPE>/patient<NNNNN>/study<K>_{positive,negative}/image<V>.png``.
 
 Each view is a stylised radiograph: dark background, soft tissue, bones shaped by study type
@@ -17,12 +18,44 @@ either. Distractors in both classes: burned-in laterality letters 'R'/'L' (brigh
 not, in any corner), collimation borders, joints (natural gaps across bones), varying exposure,
 contrast, gamma and noise. Most PNGs are 8-bit grayscale, about 12% RGB; longest side 320-512,
 some as narrow as ~90 px. Patients do not overlap between train and valid; every study type
-appears in train once there are at least 7 train studies; each split holds both labels.
-The bytes are a function of (num_studies, seed, valid_fraction) only.
+appears in train once there are at least 7 train studies; each split holds both (true) labels.
+The bytes are a function of (num_studies, seed, valid_fraction, label_noise, noise_mode,
+unlabeled_fraction) only; with the defaults (no noise, no unlabeled studies) they are exactly
+those of the sets written before the noise options existed.
 
-This module owns the synthetic set: the plan of studies (``_plan``), the drawing of one view
-(``_render_view`` and its steps, which draw from one random stream in a fixed order), the
-layout on disk and the command line.
+Noisy labels (the benchmark of learning from noisy and missing labels). ``label_noise`` P
+gives a wrong label to round(P * L) of the L labelled *train* studies (all train studies when
+``unlabeled_fraction`` is 0): ``noise_mode='symmetric'`` picks them among all of them (either
+direction), ``'asymmetric'`` only among the abnormal ones (abnormal -> normal, as a missed
+finding is; P may not ask for more flips than there are abnormal train studies, less one, so
+train keeps a labelled abnormal study). The valid split stays clean. The images always show
+the TRUE label: the abnormality is drawn exactly as without noise (a flipped study's PNGs are
+byte-identical to the clean set's), only the label the dataset *gives* changes. In MURA that
+label lives in two places, the study folder's suffix (``study1_positive``) and
+``train_labeled_studies.csv``, and murajax.data.mura refuses a row whose label disagrees with
+its folder suffix. A flipped study is therefore written as a mislabelled real study would be:
+the given label in BOTH the folder name and the CSV (an abnormal study flipped to normal lives
+in ``study1_negative/`` with label 0), so murajax reads the given label without error and
+nothing in the MURA files tells the flip apart. The truth is in
+``MURA-v1.1/flipped_train_studies.csv`` (header ``study,true_label,given_label``, then one row
+a flipped study in plan order; ``study`` is the folder as the MURA CSVs spell it, e.g.
+``MURA-v1.1/train/XR_WRIST/patient00001/study1_negative/``, i.e. with the given suffix).
+
+Missing labels. ``unlabeled_fraction`` Q marks round(Q * T) of the T train studies as
+unlabeled and lists them in ``MURA-v1.1/unlabeled_train_studies.csv`` (header
+``study,true_label``). The reader cannot yet read a study without a label, and dropping them
+from ``train_labeled_studies.csv`` would make their image rows errors, so for now they stay in
+the MURA CSVs with their true label (and are never flipped): a training run treats them as
+labelled until the reader learns to mask the studies this file lists (a later item:
+``config.data.unlabeled``). Unlabeled and flipped studies are drawn from their own random
+streams (``[seed, 3]`` and ``[seed, 2]``, apart from the plan's and the images'), so turning
+either on changes no image and no valid file; the unlabeled studies do not depend on P. The
+two files are written only when their option is non-zero (the defaults write exactly the
+files they always did).
+
+This module owns the synthetic set: the plan of studies (``_plan``) and its given labels
+(``_corrupt_labels``), the drawing of one view (``_render_view`` and its steps, which draw from
+one random stream in a fixed order), the layout on disk and the command line.
 
 A tiny DenseNet (``densenet_tiny``) trained at 64x64 (batch 32, Adam 3e-3) on the default 400
 studies reaches a study-level validation AUROC above 0.9 within a few epochs (about a minute
@@ -58,6 +91,11 @@ _VIEWS_P = np.asarray([0.15, 0.35, 0.35, 0.15])  # 1..4 views
 _RGB_FRACTION = 0.12
 _MARKER = ".synthetic.json"
 _VERSION = 1
+NOISE_MODES = ("symmetric", "asymmetric")
+FLIPPED_CSV = "flipped_train_studies.csv"
+UNLABELED_CSV = "unlabeled_train_studies.csv"
+_NOISE_STREAM = 2  # np.random.default_rng([seed, _NOISE_STREAM]): which studies flip
+_UNLABELED_STREAM = 3  # ... which studies are unlabeled (0: the plan, 1: the images)
 
 
 # ------------------------------------------------------------------------------------------
@@ -473,14 +511,26 @@ class _Study(NamedTuple):
     study_type: str  # a STUDY_TYPES name
     patient: int  # patient number, unique across the splits
     number: int  # the study's number among the patient's studies of this type (1, 2, ...)
-    label: int  # 1 abnormal, 0 normal
+    label: int  # the TRUE label, the one the images show: 1 abnormal, 0 normal
     num_views: int
+    given: int | None = None  # the label the dataset gives, if not ``label`` (label noise)
+    unlabeled: bool = False  # listed in unlabeled_train_studies.csv
+
+    @property
+    def given_label(self) -> int:
+        """The label the folder name and the CSVs give."""
+        return self.label if self.given is None else self.given
 
     @property
     def folder(self) -> str:
-        """The study folder relative to MURA-v1.1."""
+        """The study folder relative to MURA-v1.1 (its suffix: the given label)."""
         return f"{self.split}/{self.study_type}/patient{self.patient:05d}/study{self.number}_" + (
-            "positive" if self.label else "negative")
+            "positive" if self.given_label else "negative")
+
+    @property
+    def csv_path(self) -> str:
+        """The study as the MURA CSVs spell it: ``MURA-v1.1/<folder>/``."""
+        return f"MURA-v1.1/{self.folder}/"
 
 
 def _plan(num_studies: int, seed: int, valid_fraction: float) -> list[_Study]:
@@ -520,6 +570,43 @@ def _plan(num_studies: int, seed: int, valid_fraction: float) -> list[_Study]:
                 plan.append(_Study(split, STUDY_TYPES[t], patient, counters[t],
                                    int(labels[i]), int(views[i])))
                 i += 1
+    return plan
+
+
+def _corrupt_labels(plan: list[_Study], seed: int, label_noise: float, noise_mode: str,
+                    unlabeled_fraction: float) -> list[_Study]:
+    """``plan`` with round(unlabeled_fraction * T) of its T train studies marked unlabeled and
+    round(label_noise * L) of the L others given the wrong label (only abnormal ones if
+    ``noise_mode`` is 'asymmetric'). Valid studies are never touched; each choice has its own
+    random stream, so the images (streams [seed, 1, position]) do not change."""
+    plan = list(plan)
+    train = [i for i, study in enumerate(plan) if study.split == "train"]
+    unlabeled: set[int] = set()
+    n_unlabeled = int(round(unlabeled_fraction * len(train)))
+    if n_unlabeled:
+        order = np.random.default_rng([seed, _UNLABELED_STREAM]).permutation(len(train))
+        unlabeled = {train[int(k)] for k in order[:n_unlabeled]}
+        for i in sorted(unlabeled):
+            plan[i] = plan[i]._replace(unlabeled=True)
+    labelled = [i for i in train if i not in unlabeled]
+    n_flips = int(round(label_noise * len(labelled)))
+    if not n_flips:
+        return plan
+    candidates = labelled
+    if noise_mode == "asymmetric":
+        candidates = [i for i in labelled if plan[i].label == 1]
+        if n_flips > len(candidates) - 1:
+            at_most = math.floor(max(0, len(candidates) - 1) / len(labelled) * 1000) / 1000
+            raise UserError(
+                f"label_noise={label_noise} asks to flip {n_flips} of the {len(labelled)} "
+                f"labelled train studies, but asymmetric noise flips only abnormal studies and "
+                f"there are {len(candidates)} (one must keep its label). Use a label_noise "
+                f"of at most {at_most}, noise_mode='symmetric', or more studies."
+            )
+    order = np.random.default_rng([seed, _NOISE_STREAM]).permutation(len(candidates))
+    for k in sorted(int(k) for k in order[:n_flips]):
+        i = candidates[k]
+        plan[i] = plan[i]._replace(given=1 - plan[i].label)
     return plan
 
 
@@ -573,21 +660,48 @@ def _write_csvs(mura: pathlib.Path, plan: list[_Study]) -> None:
     rows = {"train": ([], []), "valid": ([], [])}
     for study in plan:
         image_rows, study_rows = rows[study.split]
-        image_rows += [f"MURA-v1.1/{study.folder}/image{v + 1}.png"
-                       for v in range(study.num_views)]
-        study_rows.append(f"MURA-v1.1/{study.folder}/,{study.label}")
+        image_rows += [f"{study.csv_path}image{v + 1}.png" for v in range(study.num_views)]
+        study_rows.append(f"{study.csv_path},{study.given_label}")
     for split, (image_rows, study_rows) in rows.items():
         (mura / f"{split}_image_paths.csv").write_text("".join(r + "\n" for r in image_rows))
         (mura / f"{split}_labeled_studies.csv").write_text(
             "".join(r + "\n" for r in study_rows))
 
 
+def _write_truth_csvs(mura: pathlib.Path, plan: list[_Study], flipped: bool,
+                      unlabeled: bool) -> None:
+    """``flipped_train_studies.csv`` (if ``flipped``) and ``unlabeled_train_studies.csv`` (if
+    ``unlabeled``): a header, then a row a study in plan order."""
+    if flipped:
+        rows = [f"{s.csv_path},{s.label},{s.given_label}" for s in plan
+                if s.given_label != s.label]
+        (mura / FLIPPED_CSV).write_text(
+            "".join(r + "\n" for r in ["study,true_label,given_label"] + rows))
+    if unlabeled:
+        rows = [f"{s.csv_path},{s.label}" for s in plan if s.unlabeled]
+        (mura / UNLABELED_CSV).write_text("".join(r + "\n" for r in ["study,true_label"] + rows))
+
+
+def _check_rate(value, name: str) -> float:
+    """``value`` as a float in [0, 1), or a UserError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UserError(f"{name} must be a number in [0, 1), got {value!r}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise UserError(f"{name} must be in [0, 1) (a fraction of the train studies), got "
+                        f"{value!r}")
+    return value
+
+
 def generate(out_dir, num_studies: int = 400, seed: int = 0, valid_fraction: float = 0.2,
-             num_workers: int | None = None) -> pathlib.Path:
+             num_workers: int | None = None, *, label_noise: float = 0.0,
+             noise_mode: str = "symmetric", unlabeled_fraction: float = 0.0) -> pathlib.Path:
     """Writes synthetic MURA to ``out_dir/MURA-v1.1`` and returns that folder.
 
     ``num_workers`` processes render the images (default: one per CPU, at most 8); the output
-    is the same for any number.
+    is the same for any number. ``label_noise`` (in [0, 1)), ``noise_mode`` ('symmetric' or
+    'asymmetric') and ``unlabeled_fraction`` (in [0, 1)): noisy and missing train labels, see
+    the module docstring; ``noise_mode`` matters only when ``label_noise`` > 0.
 
     If the folder already holds a synthetic set made with the same arguments, it is reused.
     """
@@ -600,12 +714,22 @@ def generate(out_dir, num_studies: int = 400, seed: int = 0, valid_fraction: flo
     num_studies, seed, valid_fraction = int(num_studies), int(seed), float(valid_fraction)
     if seed < 0:
         raise UserError(f"seed must be >= 0, got {seed}")
+    label_noise = _check_rate(label_noise, "label_noise")
+    if noise_mode not in NOISE_MODES:
+        raise UserError(f"noise_mode must be 'symmetric' or 'asymmetric', got {noise_mode!r}")
+    unlabeled_fraction = _check_rate(unlabeled_fraction, "unlabeled_fraction")
     out = pathlib.Path(os.path.expanduser(str(out_dir))).absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder. Choose another --out folder.")
     mura = out / "MURA-v1.1"
     params = {"version": _VERSION, "num_studies": num_studies, "seed": seed,
               "valid_fraction": valid_fraction}
+    # Only non-default options join the marker: a default set's marker (and every other byte)
+    # is the one written before these options existed, and such sets are still reused.
+    if label_noise:
+        params.update(label_noise=label_noise, noise_mode=noise_mode)
+    if unlabeled_fraction:
+        params["unlabeled_fraction"] = unlabeled_fraction
     if mura.exists():
         try:
             existing = json.loads((mura / _MARKER).read_text())
@@ -617,12 +741,15 @@ def generate(out_dir, num_studies: int = 400, seed: int = 0, valid_fraction: flo
             f"{mura}: already exists and is not a synthetic set made with {params}. Remove it "
             "or choose another output folder."
         )
+    plan = _corrupt_labels(_plan(num_studies, seed, valid_fraction), seed, label_noise,
+                           noise_mode, unlabeled_fraction)  # before any write: may refuse P
     out.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".MURA-v1.1.tmp-", dir=out))
     try:
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1)
-        _write(tmp, _plan(num_studies, seed, valid_fraction), seed, int(num_workers))
+        _write(tmp, plan, seed, int(num_workers))
+        _write_truth_csvs(tmp, plan, flipped=label_noise > 0, unlabeled=unlabeled_fraction > 0)
         (tmp / _MARKER).write_text(json.dumps(params, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)
         os.replace(tmp, mura)
@@ -635,9 +762,21 @@ def generate(out_dir, num_studies: int = 400, seed: int = 0, valid_fraction: flo
 def _define_flags(values) -> None:
     flags.DEFINE_string("out", None, "folder to write MURA-v1.1/ into", flag_values=values,
                         required=True)
-    flags.DEFINE_integer("studies", 400, "number of studies", flag_values=values)
+    flags.DEFINE_integer("num_studies", 400, "number of studies", flag_values=values)
+    flags.DEFINE_alias("studies", "num_studies", flag_values=values)
     flags.DEFINE_integer("seed", 0, "seed of the whole set", flag_values=values)
     flags.DEFINE_float("valid_fraction", 0.2, "fraction of the studies in the valid split",
+                       flag_values=values)
+    flags.DEFINE_float("label_noise", 0.0,
+                       "fraction of the labelled train studies given the wrong label, in [0, 1) "
+                       f"(listed in MURA-v1.1/{FLIPPED_CSV}); valid stays clean",
+                       flag_values=values)
+    flags.DEFINE_enum("noise_mode", "symmetric", list(NOISE_MODES),
+                      "symmetric: flips either way; asymmetric: abnormal -> normal only (missed "
+                      "findings)", flag_values=values)
+    flags.DEFINE_float("unlabeled_fraction", 0.0,
+                       "fraction of the train studies marked unlabeled, in [0, 1) (listed in "
+                       f"MURA-v1.1/{UNLABELED_CSV}; still labelled in the MURA CSVs for now)",
                        flag_values=values)
     flags.DEFINE_integer("workers", None,
                          "processes rendering images (default: one per CPU, at most 8)",
@@ -652,8 +791,10 @@ def main(argv=None) -> int:
         "Write a synthetic MURA-v1.1 dataset (same layout as the real one).",
         _define_flags, argv)
     try:
-        mura = generate(args.out, num_studies=args.studies, seed=args.seed,
-                        valid_fraction=args.valid_fraction, num_workers=args.workers)
+        mura = generate(args.out, num_studies=args.num_studies, seed=args.seed,
+                        valid_fraction=args.valid_fraction, num_workers=args.workers,
+                        label_noise=args.label_noise, noise_mode=args.noise_mode,
+                        unlabeled_fraction=args.unlabeled_fraction)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
