@@ -5,7 +5,8 @@ a temporary folder and renames it on commit, so a crash never leaves a half-writ
 that looks finished):
 
 * ``state``: the TrainState pytree (params, BatchNorm statistics, Adam state with the current
-  learning rate, plateau tracker, step, PRNG key, loss weights);
+  learning rate, plateau tracker, step, PRNG key, loss weights; with ``config.ema.decay`` > 0,
+  ``ema``: the moving average of params and BatchNorm statistics);
 * ``loader``: the train input iterator's state, so a restart continues with exactly the next batch;
 * ``progress``: JSON bookkeeping: epoch, validation history, best validation loss.
 
@@ -44,6 +45,9 @@ _DIGEST = "state_sha256"  # progress key: digest of the saved state, checked on 
 # progress key: digest of params + batch_stats alone, checked when only those are restored
 # (evaluation, inference)
 _VARIABLES_DIGEST = "variables_sha256"
+# progress key (runs with an EMA only): digest of the EMA's params + batch_stats, checked when
+# evaluation restores those
+_EMA_VARIABLES_DIGEST = "ema_variables_sha256"
 # Failures of the storage, not of the program: reported as CheckpointWriteError.
 _STORAGE_ERRORS = re.compile(
     r"No space left|Disk quota|Read-only file system|Permission denied|Input/output error",
@@ -73,9 +77,13 @@ def state_digest(state) -> str:
     return digest.hexdigest()
 
 
-def _evaluation_variables(state) -> dict | None:
+def _evaluation_variables(state, use_ema: bool = False) -> dict | None:
     """``{'params', 'batch_stats'}`` of a TrainState or of a dict holding both (None if it
-    lacks them): what evaluation restores, in the one layout its digest is taken over."""
+    lacks them): what evaluation restores, in the one layout its digest is taken over. With
+    ``use_ema``, those of the state's EMA (``state.ema`` / ``state['ema']``)."""
+    if use_ema:
+        ema = state.get("ema") if isinstance(state, dict) else getattr(state, "ema", None)
+        return None if ema is None else _evaluation_variables(ema)
     if isinstance(state, dict):
         params, batch_stats = state.get("params"), state.get("batch_stats")
     else:
@@ -83,6 +91,31 @@ def _evaluation_variables(state) -> dict | None:
     if params is None or batch_stats is None:
         return None
     return {"params": params, "batch_stats": batch_stats}
+
+
+def _on_disk(state):
+    """The tree written for ``state``: a TrainState (any dataclass) as the dict of its pytree
+    fields, without ``ema`` when that is None (no EMA); other trees as they are.
+
+    orbax records a None field as an entry of its own, so a TrainState without EMA saved as it
+    is would no longer have the tree of the checkpoints written before the EMA existed (which
+    then would not restore). Fields and dict entries are the same to orbax, so this writes
+    exactly the files a TrainState always did."""
+    if not dataclasses.is_dataclass(state) or isinstance(state, type):
+        return state
+    tree = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+            if field.metadata.get("pytree_node", True)}
+    if tree.get("ema", 0) is None:
+        del tree["ema"]
+    return tree
+
+
+def _from_disk(restored, abstract_state):
+    """``_on_disk`` undone: the restored dict back in ``abstract_state``'s dataclass (with its
+    static fields: apply_fn, tx, recipe, ...)."""
+    if not dataclasses.is_dataclass(abstract_state) or isinstance(abstract_state, type):
+        return restored
+    return abstract_state.replace(**restored)
 
 
 @dataclasses.dataclass
@@ -166,11 +199,14 @@ class Checkpointer:
         variables = _evaluation_variables(state)
         if variables is not None:
             progress[_VARIABLES_DIGEST] = state_digest(variables)
+        ema_variables = _evaluation_variables(state, use_ema=True)
+        if ema_variables is not None:  # absent without an EMA: progress as it always was
+            progress[_EMA_VARIABLES_DIGEST] = state_digest(ema_variables)
         with self._reporting_write_errors(int(step)):
             self.manager.save(
                 int(step),
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
+                    state=ocp.args.StandardSave(_on_disk(state)),
                     loader=ocp.args.JsonSave(loader_state),
                     progress=ocp.args.JsonSave(progress),
                 ),
@@ -206,15 +242,17 @@ class Checkpointer:
         restored = self.manager.restore(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=ocp.args.StandardRestore(_on_disk(abstract_state)),
                 loader=ocp.args.JsonRestore(),
                 progress=ocp.args.JsonRestore(),
             ),
         )
         progress = dict(restored.progress)
         progress.pop(_VARIABLES_DIGEST, None)
-        self._check_digest(step, restored.state, progress.pop(_DIGEST, None))
-        return restored.state, restored.loader, progress
+        progress.pop(_EMA_VARIABLES_DIGEST, None)
+        state = _from_disk(restored.state, abstract_state)
+        self._check_digest(step, state, progress.pop(_DIGEST, None))
+        return state, restored.loader, progress
 
     def _check_digest(self, step: int, restored, expected: str | None) -> None:
         """CorruptCheckpointError unless ``restored`` hashes to ``expected`` (None: not recorded,
@@ -268,8 +306,9 @@ class Checkpointer:
             int(step), args=ocp.args.Composite(progress=ocp.args.JsonRestore())
         ).progress
 
-    def restore_variables(self, step: int) -> dict:
-        """Params and BatchNorm statistics of one checkpoint, on this process's first device.
+    def restore_variables(self, step: int, use_ema: bool = False) -> dict:
+        """Params and BatchNorm statistics of one checkpoint, on this process's first device;
+        with ``use_ema``, those of its EMA (UserError if the run kept none).
 
         Works whatever topology saved the checkpoint (a pod's checkpoint on a workstation): the
         target layout comes from the checkpoint's metadata, not from how it was saved. Checked
@@ -277,7 +316,15 @@ class Checkpointer:
         """
         metadata = self.manager.item_metadata(int(step))["state"]
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        wanted = {key: metadata[key] for key in ("params", "batch_stats")}
+        if use_ema:
+            if not isinstance(metadata.get("ema"), dict):
+                raise UserError(
+                    f"checkpoint {self.directory / str(step)} holds no EMA weights (the run was "
+                    "trained with config.ema.decay=0): evaluate without "
+                    "--config.eval.use_ema=True")
+            wanted = {"ema": {key: metadata["ema"][key] for key in ("params", "batch_stats")}}
+        else:
+            wanted = {key: metadata[key] for key in ("params", "batch_stats")}
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), wanted
         )
@@ -292,8 +339,9 @@ class Checkpointer:
                 )
             ),
         ).state
-        variables = _evaluation_variables(raw)
-        self._check_digest(step, variables, self.restore_progress(step).get(_VARIABLES_DIGEST))
+        variables = _evaluation_variables(raw, use_ema=use_ema)
+        digest = _EMA_VARIABLES_DIGEST if use_ema else _VARIABLES_DIGEST
+        self._check_digest(step, variables, self.restore_progress(step).get(digest))
         return variables
 
     def wait(self) -> None:
@@ -341,6 +389,18 @@ def check_compatible(workdir: str | Path, config: ml_collections.ConfigDict) -> 
                 f"{workdir} holds checkpoints of a run with {field}={before!r}, but this run has "
                 f"{field}={now!r}: use another --workdir, or the same {field}"
             )
+    # An EMA in the state or none: a checkpoint of the one cannot resume as the other.
+    before, now = _ema_decay(saved), _ema_decay(config)
+    if (before > 0) != (now > 0):
+        raise UserError(
+            f"{workdir} holds checkpoints of a run with config.ema.decay={before!r}, but this "
+            f"run has config.ema.decay={now!r}: an EMA cannot be added to or dropped from a run "
+            "mid-way; use another --workdir, or keep the EMA on (or off) as it was")
+
+
+def _ema_decay(config: ml_collections.ConfigDict) -> float:
+    ema = config.get("ema")  # configs from before the EMA existed have none
+    return float(ema.get("decay", 0.0)) if ema is not None else 0.0
 
 
 # ---- read-only access for evaluation and inference --------------------------------------------
@@ -365,5 +425,6 @@ def best_steps(workdir: str | Path, k: int) -> list[int]:
     return [step for _, step in sorted(scored)[: max(int(k), 1)]]
 
 
-def restore_variables(workdir: str | Path, step: int) -> dict:
-    return Checkpointer(workdir, read_only=True).restore_variables(step)
+def restore_variables(workdir: str | Path, step: int, use_ema: bool = False) -> dict:
+    """Params and BatchNorm statistics of checkpoint ``step`` (with ``use_ema``: its EMA's)."""
+    return Checkpointer(workdir, read_only=True).restore_variables(step, use_ema=use_ema)

@@ -4,11 +4,13 @@
     murajax --config=default --config.data.root=/data/MURA-v1.1 --workdir runs/mura
     murajax --mode=evaluate --workdir runs/mura [--config.eval.ensemble_top_k=1]
     murajax --mode=predict --workdir runs/mura --input study_dir --output out [--cam]
+    murajax --mode=audit --workdir runs/mura [--config.eval.split=train]    # label worklist
+    murajax --mode=relabel --workdir runs/mura [--config.relabel.confidence=0.95]
 
 --config is a config name (accelerator, default, paper_224, smoke; the default is smoke) or
 the path of a .py file with get_config(). Any field can be overridden as
---config.<field>=<value>; unknown fields are refused. --mode=evaluate and --mode=predict need
-no config: the run's <workdir>/config.json is the config, and only the --config.<field>
+--config.<field>=<value>; unknown fields are refused. --mode=evaluate, predict, audit and
+relabel need no config: the run's <workdir>/config.json is the config, and only the --config.<field>
 overrides given on the command line apply on top of it.
 """
 
@@ -29,7 +31,8 @@ from murajax.errors import UserError
 FLAGS = flags.FLAGS
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, logs and reports go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "audit", "relabel"],
+                          "What to do.")
 _INPUT = flags.DEFINE_multi_string("input", [], "predict: image files, study folders or trees.")
 _OUTPUT = flags.DEFINE_string("output", "", "predict: folder for predictions.csv and CAMs.")
 _CAM = flags.DEFINE_bool("cam", False, "predict: also write class activation map overlays.")
@@ -39,7 +42,8 @@ _HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h")
 _HELPFULL = ("--helpfull", "-helpfull")
 # --mode=predict's overrides and the Predictor.from_workdir arguments they set.
 _PREDICT_FIELDS = {"eval.ensemble_top_k": "top_k", "eval.threshold": "threshold",
-                   "eval_batch_size": "batch_size", "data.num_workers": "num_workers"}
+                   "eval_batch_size": "batch_size", "data.num_workers": "num_workers",
+                   "eval.use_ema": "use_ema"}
 
 
 def _error(message: str) -> None:
@@ -164,13 +168,16 @@ def _print_summary(summary: dict) -> None:
             f"  study-level AUROC   {summary['auroc']:.4f}",
             f"  study-level kappa   {summary['kappa']:.4f}",
         ]
+        if "ema_val_loss" in summary:  # config.ema.decay > 0
+            lines += [f"  EMA weights: validation loss {summary['ema_val_loss']:.4f}, "
+                      f"AUROC {summary['ema_auroc']:.4f}, kappa {summary['ema_kappa']:.4f}"]
     lines += [f"  checkpoints         {summary['checkpoints']}",
               f"  metrics             {summary['metrics']}"]
     print("\n".join(lines), flush=True)
 
 
 def _check_run_dir(workdir: str) -> None:
-    """--mode=evaluate/predict: fail before JAX starts when ``workdir`` holds no trained run."""
+    """--mode=evaluate/predict/audit/relabel: fail before JAX starts when ``workdir`` holds no trained run."""
     path = Path(workdir) / "config.json"  # checkpoints.CONFIG_FILE (that module loads JAX)
     if not path.is_file():
         raise UserError(f"{path} not found: {workdir} is not a murajax run directory "
@@ -222,6 +229,16 @@ def _run(argv, help_wanted: str | None = None) -> int:
             report_dir = evaluate.evaluate_workdir(overrides, _WORKDIR.value,
                                                    readers=_READERS.value)
             print(f"evaluation report: {report_dir}", flush=True)
+        elif _MODE.value == "audit":
+            from murajax.modes import audit
+
+            print(f"label audit: {audit.audit_workdir(overrides, _WORKDIR.value)}", flush=True)
+        elif _MODE.value == "relabel":
+            from murajax.modes import relabel
+
+            out_dir = relabel.relabel_workdir(overrides, _WORKDIR.value)
+            print(f"relabelled train labels: {out_dir} (train_labeled_studies.csv, flips.csv)",
+                  flush=True)
         else:
             from murajax.modes import predict
 

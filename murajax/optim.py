@@ -1,4 +1,6 @@
-"""The optimizer: optax Adam whose learning rate drops when validation loss plateaus.
+"""The optimizer: optax Adam whose learning rate drops when validation loss plateaus; with
+``config.optim.trainable='head'``, Adam on the classifier head only (``create_optimizer``,
+``head_only_apply``: the backbone frozen, run as at evaluation).
 
 The rate Adam applies lives in one place, ``opt_state.hyperparams['learning_rate']``
 (``optax.inject_hyperparams``), so it is checkpointed with the rest of the state. The plateau rule
@@ -11,20 +13,96 @@ that does not improve divides the rate by 10.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+
 import flax.struct
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from murajax.errors import UserError
+
+
+TRAINABLE = ("all", "head")  # config.optim.trainable
+HEAD = "head"  # the top-level params collection of the classifier head (every backbone's)
+
+
+def trainable_from_config(optim_config: ml_collections.ConfigDict) -> str:
+    """``config.optim.trainable`` checked: 'all' (the paper; runs saved before the field
+    existed) or 'head'; a UserError naming the field otherwise."""
+    trainable = optim_config.get("trainable", "all")
+    if trainable not in TRAINABLE:
+        raise UserError(f"config.optim.trainable must be one of {list(TRAINABLE)} ('head': "
+                        f"train the classifier head only, the backbone frozen), got "
+                        f"{trainable!r}")
+    return trainable
+
 
 def create_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam with an injectable learning rate (the plateau rule rewrites it between epochs)."""
-    return optax.inject_hyperparams(optax.adam)(
+    """Adam with an injectable learning rate (the plateau rule rewrites it between epochs).
+
+    ``config.optim.trainable='head'``: the same Adam on the head's params only, every other
+    param's update set to zero (``optax.multi_transform``, inside the same
+    ``inject_hyperparams``, so ``opt_state.hyperparams['learning_rate']`` stays where the
+    plateau rule reads and writes it). 'all' (the default) is exactly the optimizer, state
+    structure and numbers of before the field existed."""
+    if trainable_from_config(optim_config) == "all":
+        return optax.inject_hyperparams(optax.adam)(
+            learning_rate=optim_config.learning_rate,
+            b1=optim_config.b1,
+            b2=optim_config.b2,
+            eps=optim_config.eps,
+        )
+
+    def head_only_adam(learning_rate, b1, b2, eps):
+        return optax.multi_transform(
+            {"train": optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+             "frozen": optax.set_to_zero()},
+            head_only_labels)
+
+    return optax.inject_hyperparams(head_only_adam)(
         learning_rate=optim_config.learning_rate,
         b1=optim_config.b1,
         b2=optim_config.b2,
         eps=optim_config.eps,
     )
+
+
+def head_only_labels(params):
+    """``multi_transform`` labels for ``trainable='head'``: 'train' for every leaf under the
+    top-level ``head`` collection, 'frozen' for the rest (same tree structure as ``params``)."""
+    if not isinstance(params, Mapping) or HEAD not in params:
+        names = list(params) if isinstance(params, Mapping) else type(params).__name__
+        raise UserError(f"config.optim.trainable='head' needs a model whose classifier params "
+                        f"are under {HEAD!r}; this model's top-level params are {names}")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if getattr(path[0], "key", None) == HEAD else "frozen", params)
+
+
+def head_only_apply(apply_fn):
+    """The model's apply function for ``trainable='head'``: the frozen backbone always runs as
+    at evaluation (BatchNorm normalises with, and never updates, its running statistics), so
+    the head is fitted on exactly the features it will see at evaluation and a head-only run
+    changes no backbone weight *and* no BatchNorm statistic. The train step's
+    ``mutable=['batch_stats']`` call gets the statistics back unchanged."""
+    # A named function, not a closure: one per apply_fn (functools.cache), so that the states
+    # built for one run share it (it is a static field of the train state).
+    return _head_only_apply(apply_fn)
+
+
+@functools.cache
+def _head_only_apply(apply_fn):
+    @functools.wraps(apply_fn)
+    def apply(variables, *args, train: bool = False, mutable=False, **kwargs):
+        del train  # always evaluation mode
+        outputs = apply_fn(variables, *args, train=False, **kwargs)
+        if mutable:
+            return outputs, {"batch_stats": variables["batch_stats"]}
+        return outputs
+
+    return apply
 
 
 def learning_rate(opt_state) -> jnp.ndarray:

@@ -9,7 +9,8 @@ Nothing here is jitted, sharded or stateful: ``murajax.parallel`` wraps these sa
 axis name, and gradients and metrics are combined across devices with collectives; under ``jit``
 the arrays are global and ``axis_name`` stays ``None``.
 
-A batch is a dict of arrays: ``image`` [b, H, W, 3] float32, ``label`` [b] int32,
+A batch is a dict of arrays: ``image`` [b, H, W, 3] float32, ``label`` [b] int32 (-1:
+unlabelled, left out of the loss and the metrics),
 ``study_type`` [b] int32, ``mask`` [b] float32 (0 for padding or skipped images) and ``index`` [b]
 int32 (the image's position in its split, -1 for padding).
 """
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from clu import metrics
 
 from murajax import optim
-from murajax.train_state import TrainState
+from murajax.train_state import TrainState, update_ema
 
 
 @flax.struct.dataclass
@@ -45,6 +46,12 @@ def _per_example_outputs(state: TrainState, logits: jax.Array, batch: dict, loss
     }
 
 
+def supervised_mask(batch: dict) -> jax.Array:
+    """float32 [b]: 1 for the examples the loss sees: real (not padding, not skipped) and
+    labelled (an unlabelled image, label -1, only feeds BatchNorm and label-free signals)."""
+    return batch["mask"].astype(jnp.float32) * (batch["label"] >= 0).astype(jnp.float32)
+
+
 def _collect(collection, outputs: dict, mask: jax.Array, axis_name):
     values = {"loss": outputs["loss"], "correct": outputs["correct"], "mask": mask > 0}
     if axis_name is None:
@@ -58,11 +65,13 @@ def compute_gradients(state: TrainState, batch: dict, axis_name=None):
     Returns ``(grads, outputs, batch_stats)``: the gradients (summed over devices under
     ``pmap``), the per-example outputs and the BatchNorm statistics updated by this batch.
     """
-    mask = batch["mask"].astype(jnp.float32)
-    # The global number of real examples: each device's share of the mean is its sum over it,
+    mask = supervised_mask(batch)
+    # The global number of labelled real examples: each device's share of the mean is its sum over it,
     # so that summing gradients over devices gives the gradient of the global mean.
     count = jnp.maximum(_psum(jnp.sum(mask), axis_name), 1.0)
     dropout_rng = jax.random.fold_in(state.rng, state.step)
+    if state.recipe.prepare is not None:  # e.g. mixup: before the forward pass, keyed per step
+        batch = state.recipe.prepare(batch, jax.random.fold_in(dropout_rng, 1), state)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -82,10 +91,14 @@ def compute_gradients(state: TrainState, batch: dict, axis_name=None):
 def train_step(
     state: TrainState, batch: dict, axis_name=None
 ) -> tuple[TrainState, StepMetrics]:
-    """One Adam update on the mean recipe loss over the (global) batch's unmasked examples."""
+    """One Adam update on the mean recipe loss over the (global) batch's unmasked examples;
+    then, if the state keeps one, the EMA of the new params and BatchNorm statistics."""
     grads, outputs, batch_stats = compute_gradients(state, batch, axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return new_state, _collect(StepMetrics, outputs, batch["mask"].astype(jnp.float32), axis_name)
+    if new_state.ema is not None:  # static: decided by the state's structure at trace time
+        new_state = new_state.replace(ema=update_ema(
+            new_state.ema, new_state.params, new_state.batch_stats, new_state.ema_decay))
+    return new_state, _collect(StepMetrics, outputs, supervised_mask(batch), axis_name)
 
 
 def eval_step(
@@ -95,8 +108,8 @@ def eval_step(
     probability of abnormal."""
     logits = state.apply_fn(state.variables, batch["image"], train=False)
     outputs = _per_example_outputs(state, logits, batch, state.recipe.eval_loss)
-    mask = batch["mask"].astype(jnp.float32)
-    return _collect(StepMetrics, outputs, mask, axis_name), jax.nn.sigmoid(outputs["logits"])
+    return (_collect(StepMetrics, outputs, supervised_mask(batch), axis_name),
+            jax.nn.sigmoid(outputs["logits"]))
 
 
 def apply_plateau(state: TrainState, val_loss, optim_config) -> TrainState:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import signal
 import threading
 from pathlib import Path
@@ -182,21 +183,68 @@ def _window_from_json(saved: dict | None):
     })
 
 
+def _variables_from_run(config, like: dict) -> dict:
+    """``config.init_from`` a murajax workdir: the params and BatchNorm statistics of its best
+    checkpoint (the latest when no epoch finished; its EMA's if that run evaluates with
+    ``eval.use_ema``), checked to be ``config.model.name``'s and shaped like ``like``."""
+    source = Path(os.path.expanduser(str(config.init_from)))
+    if not ((source / checkpoints.CONFIG_FILE).is_file()
+            and (source / checkpoints.CHECKPOINT_DIR).is_dir()):
+        raise UserError(f"config.init_from={str(config.init_from)!r} is a folder but not a "
+                        f"murajax workdir (no {checkpoints.CONFIG_FILE} and "
+                        f"{checkpoints.CHECKPOINT_DIR}/ in it): give a trained run's workdir or "
+                        "a Keras .h5 weight file")
+    saved = checkpoints.load_run_config(source)
+    if saved.model.name != config.model.name:
+        raise UserError(f"config.init_from={str(config.init_from)!r} is a run of "
+                        f"config.model.name={saved.model.name!r}, but this run has "
+                        f"config.model.name={config.model.name!r}: use the same model")
+    step = checkpoints.best_steps(source, 1)[0]
+    use_ema = bool(saved.get("eval", {}).get("use_ema", False))
+    variables = checkpoints.restore_variables(source, step, use_ema=use_ema)
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    want = jax.tree_util.tree_flatten_with_path(like)[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
+    for path, leaf in want:
+        if path not in got or np.shape(got[path]) != np.shape(leaf):
+            found = "missing" if path not in got else f"shape {np.shape(got[path])}"
+            raise UserError(f"config.init_from={str(config.init_from)!r}: "
+                            f"{jax.tree_util.keystr(path)} is {found} there, this model needs "
+                            f"shape {np.shape(leaf)} (another task or model setting?)")
+    if len(got) != len(want):
+        raise UserError(f"config.init_from={str(config.init_from)!r}: its checkpoint has "
+                        f"{len(got)} variables, this model {len(want)}")
+    logging.info("initialised from %s, checkpoint step %d%s", source, step,
+                 " (EMA weights)" if use_ema else "")
+    return jax.tree.map(lambda x, ref: np.asarray(x, dtype=np.asarray(ref).dtype),
+                        variables, like)
+
+
 def _load_pretrained(config, strategy, state):
-    """``state`` with the backbone read from ``config.init_from`` by the weight importer that
+    """``state`` with the variables ``config.init_from`` names: a murajax workdir's best
+    checkpoint (``_variables_from_run``), or else a weight file read by the importer that
     ``config.model.name`` registered (``murajax.models``); it checks the model's settings too
     (the DenseNets' Keras importer refuses a ``config.model.bn_epsilon`` other than Keras's)."""
+    host = jax.device_get(strategy.one_copy(state))
+    if Path(os.path.expanduser(str(config.init_from))).is_dir():
+        variables = _variables_from_run(config, host.variables)
+        return _with_variables(strategy, host, variables)
     backbone = models.get(config.model.name)
     if backbone.load_weights is None:
         raise UserError(f"config.init_from is set, but config.model.name={backbone.name!r} has "
                         "no weight importer; leave config.init_from empty")
     model = train_state.model_from_config(config)
-    host = jax.device_get(strategy.one_copy(state))
     variables = backbone.load_weights(config.init_from, host.variables, model=model)
     logging.info("initialised the backbone from %s", config.init_from)
-    return strategy.place_state(
-        host.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-    )
+    return _with_variables(strategy, host, variables)
+
+
+def _with_variables(strategy, host, variables):
+    host = host.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    if host.ema is not None:  # the EMA starts from the imported weights too
+        host = host.replace(ema=jax.tree.map(np.array, {
+            "params": variables["params"], "batch_stats": variables["batch_stats"]}))
+    return strategy.place_state(host)
 
 
 def _restore_or_start(config, workdir: Path, strategy, checkpointer, model, tx, loss_weights):
@@ -205,7 +253,10 @@ def _restore_or_start(config, workdir: Path, strategy, checkpointer, model, tx, 
     state = strategy.init_state(functools.partial(
         train_state.create_train_state, jax.random.key(config.seed), model, tx,
         config.data.image_size, loss_weights, recipes.from_config(config),
+        ema_decay=train_state.ema_decay_from_config(config),
     ))
+    if optim.trainable_from_config(config.optim) == "head":  # the backbone frozen, eval mode
+        state = state.replace(apply_fn=optim.head_only_apply(state.apply_fn))
     if checkpointer.all_steps():
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
@@ -240,6 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     checkpoints.check_compatible(workdir, config)
+    _check_same_trainable(workdir, config)
+    train_state.ema_decay_from_config(config)  # a bad config.ema.decay fails before any work
     if config.data.image_size < MIN_IMAGE_SIZE:  # source images of any size are resized to it
         raise UserError(
             f"config.data.image_size={config.data.image_size} is too small: DenseNet halves the "
@@ -262,7 +315,7 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
     writer = writers.MetricWriter(workdir)
     run = _Training(config, task, strategy, checkpointer, writer, state, steps_per_epoch)
     summary = {"workdir": str(workdir), "checkpoints": str(checkpointer.directory),
-               "metrics": str(workdir / writers.METRICS_FILE), "preempted": False}
+               "metrics": str(workdir.absolute() / writers.METRICS_FILE), "preempted": False}
     if progress.history:  # a finished (or resumed) run reports its last validation
         summary.update(_summary_of(progress.history[-1]))
     try:
@@ -290,9 +343,25 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
     return summary
 
 
+def _check_same_trainable(workdir: Path, config) -> None:
+    """``config.optim.trainable`` checked, and refused when it differs from that of the run
+    whose checkpoints ``workdir`` holds (its optimizer state would not fit them)."""
+    trainable = optim.trainable_from_config(config.optim)
+    if not (workdir / checkpoints.CONFIG_FILE).is_file() or not any(
+            (workdir / checkpoints.CHECKPOINT_DIR).glob("[0-9]*")):
+        return
+    before = checkpoints.load_run_config(workdir).optim.get("trainable", "all")
+    if before != trainable:
+        raise UserError(f"{workdir} holds checkpoints of a run with "
+                        f"config.optim.trainable={before!r}, but this run has {trainable!r}: "
+                        "use another --workdir (with --config.init_from="
+                        f"{workdir} to start from that run's weights)")
+
+
 def _summary_of(record: dict) -> dict:
-    keys = ("step", "epoch", "val_loss", "auroc", "kappa", "learning_rate")
-    return {key: record[key] for key in keys}
+    keys = ("step", "epoch", "val_loss", "auroc", "kappa", "learning_rate",
+            "ema_val_loss", "ema_auroc", "ema_kappa")  # ema_*: runs with an EMA only
+    return {key: record[key] for key in keys if key in record}
 
 
 class _Training:
@@ -354,25 +423,44 @@ class _Training:
         return True
 
     def end_epoch(self, epoch: int, index, progress: RunProgress) -> RunProgress:
-        """Validates, applies the plateau rule, logs and saves; the progress after ``epoch``."""
+        """Validates (the raw weights, and the EMA's if the state keeps one), applies the plateau
+        rule, logs and saves; the progress after ``epoch``. The plateau rule and the best
+        checkpoints read the raw weights' validation loss, the EMA's with
+        ``config.eval.use_ema``."""
         self._check_finite(epoch)
         val = evaluate_split(self.strategy, self.state, index, self.config, self.task)
-        host = steps.apply_plateau(self.strategy.one_copy(self.state), val["loss"],
+        ema_val, ema_logged = None, {}
+        if self.state.ema is not None:
+            ema_val = evaluate_split(self.strategy, self.state.with_ema_weights(), index,
+                                     self.config, self.task)
+            ema_logged = {f"ema_{key}": ema_val[key]
+                          for key in ("loss", "accuracy", "auroc", "kappa")}
+        selected = ema_val if bool(self.config.eval.get("use_ema", False)) else val
+        host = steps.apply_plateau(self.strategy.one_copy(self.state), selected["loss"],
                                    self.config.optim)
         self.state = self.strategy.place_state(host)
         rate = float(optim.learning_rate(host.opt_state))
         record = {"epoch": epoch + 1, "step": self.step, "val_loss": val["loss"],
                   "auroc": val["auroc"], "kappa": val["kappa"], "learning_rate": rate}
+        if ema_val is not None:
+            record.update(ema_val_loss=ema_val["loss"], ema_auroc=ema_val["auroc"],
+                          ema_kappa=ema_val["kappa"])
         progress = RunProgress(epoch=epoch + 1, history=progress.history + [record],
-                               val_loss=val["loss"])
+                               val_loss=selected["loss"])
         # Log before saving: a crash in between then redoes (and relogs) the epoch end.
         self.writer.write(self.step, "valid", epoch=epoch + 1, loss=val["loss"],
                           accuracy=val["accuracy"], auroc=val["auroc"], kappa=val["kappa"],
-                          learning_rate=rate)
-        self._save({}, progress, val_loss=val["loss"])
+                          learning_rate=rate, **ema_logged)
+        self._save({}, progress, val_loss=selected["loss"])
         logging.info("epoch %d/%d: val loss %.4f  accuracy %.3f  study AUROC %.4f  kappa %.4f  "
                      "next lr %.2e", epoch + 1, self.config.num_epochs, val["loss"],
                      val["accuracy"], val["auroc"], val["kappa"], rate)
+        if ema_val is not None:
+            logging.info("epoch %d/%d: EMA val loss %.4f  accuracy %.3f  study AUROC %.4f  "
+                         "kappa %.4f%s", epoch + 1, self.config.num_epochs, ema_val["loss"],
+                         ema_val["accuracy"], ema_val["auroc"], ema_val["kappa"],
+                         "  (config.eval.use_ema: these drive the plateau rule and the best "
+                         "checkpoints)" if selected is ema_val else "")
         self.progress_line.restart(self.step)
         return progress
 

@@ -2,9 +2,10 @@
 
 ``TrainState`` holds everything a step reads or writes: params, BatchNorm statistics, the Adam
 state (which carries the current learning rate), the step counter, a PRNG key, the plateau
-tracker and the per-study-type loss weights; and, as static fields, the model's apply function
-and the training recipe. It is the unit that is sharded, donated and
-checkpointed.
+tracker and the per-study-type loss weights; with ``config.ema.decay`` > 0, an exponential moving
+average of params and BatchNorm statistics (``ema``; None, and so no leaf at all, when off); and,
+as static fields, the model's apply function, the training recipe and the EMA decay. It is the
+unit that is sharded, donated and checkpointed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import flax.linen as nn
 import flax.struct
 from flax.training import train_state
@@ -32,11 +34,52 @@ class TrainState(train_state.TrainState):
     loss_weights: jax.Array  # float32 [num_study_types, 2]: weight of (study type, label)
     # How outputs become the loss (static, like apply_fn: not saved, chosen by config.loss).
     recipe: recipes.Recipe = flax.struct.field(
-        pytree_node=False, default=recipes.RECIPES[recipes.DEFAULT])
+        pytree_node=False, default=recipes.DEFAULT_RECIPE)
+
+    # {'params', 'batch_stats'}: their exponential moving average (config.ema.decay > 0), saved
+    # and restored with the rest; None when off, so a default state has exactly its old leaves.
+    ema: Any = None
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)  # static, like recipe
 
     @property
     def variables(self) -> dict:
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def with_ema_weights(self) -> "TrainState":
+        """This state with the EMA's params and BatchNorm statistics in place of the raw ones
+        (same pytree structure: the compiled eval step serves both)."""
+        if self.ema is None:
+            raise ValueError("this state keeps no EMA (config.ema.decay is 0)")
+        return self.replace(params=self.ema["params"], batch_stats=self.ema["batch_stats"])
+
+
+def ema_decay_from_config(config: ml_collections.ConfigDict) -> float:
+    """``config.ema.decay``, checked: in [0, 1) (0: no EMA), else a UserError naming the field;
+    and ``config.eval.use_ema`` needs an EMA to evaluate with."""
+    ema = config.get("ema")
+    decay = ema.get("decay", 0.0) if ema is not None else 0.0
+    try:
+        decay = float(decay)
+    except (TypeError, ValueError):
+        raise UserError(f"config.ema.decay must be a number in [0, 1), got {decay!r}") from None
+    if not 0.0 <= decay < 1.0:  # NaN too
+        raise UserError(f"config.ema.decay must be in [0, 1) (0: no EMA; e.g. 0.999), got "
+                        f"{decay!r}")
+    if decay == 0.0 and bool(config.eval.get("use_ema", False)):
+        raise UserError("config.eval.use_ema=True needs an EMA: set config.ema.decay in (0, 1), "
+                        "e.g. --config.ema.decay=0.999")
+    return decay
+
+
+def update_ema(ema: dict, params, batch_stats, decay: float) -> dict:
+    """One EMA step of params and BatchNorm statistics: ``decay * ema + (1 - decay) * new``
+    (``optax.incremental_update(new, old, step_size)`` is ``step_size * new + (1 - step_size)
+    * old``; ``optax.ema`` would average updates, not params)."""
+    step_size = 1.0 - decay
+    return {
+        "params": optax.incremental_update(params, ema["params"], step_size),
+        "batch_stats": optax.incremental_update(batch_stats, ema["batch_stats"], step_size),
+    }
 
 
 def compute_dtype(name: str):
@@ -69,12 +112,20 @@ def create_train_state(
     image_size: int,
     loss_weights: np.ndarray,
     recipe: recipes.Recipe | None = None,
+    ema_decay: float = 0.0,
 ) -> TrainState:
-    """Initialises a fresh state. Pure: meant to run under ``jax.jit`` or ``jax.eval_shape``."""
+    """Initialises a fresh state. Pure: meant to run under ``jax.jit`` or ``jax.eval_shape``.
+
+    With ``ema_decay`` > 0 (``ema_decay_from_config`` checks it) the state keeps an EMA of params
+    and BatchNorm statistics, starting from their initial values."""
     init_rng, state_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init(init_rng, dummy, train=False)
     params = variables["params"]
+    ema = None
+    if ema_decay:
+        # Copies: the EMA shares no buffer with params (the train step donates the state).
+        ema = jax.tree.map(jnp.copy, {"params": params, "batch_stats": variables["batch_stats"]})
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
         apply_fn=model.apply,
@@ -85,5 +136,7 @@ def create_train_state(
         rng=state_rng,
         plateau=optim.init_plateau(),
         loss_weights=jnp.asarray(loss_weights, jnp.float32),
-        recipe=recipe or recipes.RECIPES[recipes.DEFAULT],
+        recipe=recipe or recipes.DEFAULT_RECIPE,
+        ema=ema,
+        ema_decay=float(ema_decay),
     )

@@ -72,3 +72,11 @@ def final_variables(workdir) -> dict:
     """Params and BatchNorm statistics of a run's newest checkpoint (a finished run's last)."""
     step = checkpoints.Checkpointer(workdir, read_only=True).latest_step()
     return checkpoints.restore_variables(workdir, step)
+
+
+def assert_same_tree(a, b):
+    """Two pytrees with the same (non-empty) leaves, bit for bit."""
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -52,13 +52,6 @@ def _final_variables(workdir):
     return checkpoints.restore_variables(workdir, TOTAL_STEPS)
 
 
-def _assert_same_tree(a, b):
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b) > 0
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def _records(workdir):
     """metrics.jsonl without the wall-clock fields."""
     records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
@@ -143,7 +136,7 @@ def test_killed_preempted_and_corrupted_run_ends_bit_identical(mura_root, subpro
     # and metrics.jsonl reads as one uninterrupted run.
     assert sum(k.kind != "sigterm" for k in plan) == 10
     assert any(k.launch and k.kind != "sigterm" for k in plan)
-    _assert_same_tree(_final_variables(tmp_path), expected_variables)
+    helpers.assert_same_tree(_final_variables(tmp_path), expected_variables)
     assert _records(tmp_path) == expected_records
     assert max(chain["reached"]) >= 15, chain["reached"]  # kills all over the run
 
@@ -186,7 +179,7 @@ def test_two_runs_with_the_same_seed_write_identical_metrics(mura_root, tmp_path
     records = _records(tmp_path / "a")
     assert len(records) == STEPS_PER_EPOCH + 1
     assert records == _records(tmp_path / "b")
-    _assert_same_tree(helpers.final_variables(tmp_path / "a"),
+    helpers.assert_same_tree(helpers.final_variables(tmp_path / "a"),
                       helpers.final_variables(tmp_path / "b"))
 
 

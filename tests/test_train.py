@@ -21,13 +21,6 @@ def _config(root, **overrides):
                                        **overrides})
 
 
-def _assert_same_tree(a, b):
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(mura_root, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -46,7 +39,7 @@ def test_resumed_run_ends_with_bit_identical_params(mura_root, uninterrupted, tm
     assert second["preempted"] and second["step"] == 3 + steps_per_epoch
     final = train.train_and_evaluate(_config(mura_root), tmp_path)
     assert not final["preempted"]
-    _assert_same_tree(helpers.final_variables(tmp_path), helpers.final_variables(uninterrupted[0]))
+    helpers.assert_same_tree(helpers.final_variables(tmp_path), helpers.final_variables(uninterrupted[0]))
     assert final["val_loss"] == full["val_loss"]
     # metrics.jsonl reads as one run: same train losses at the same steps.
     def losses(workdir):
@@ -62,7 +55,7 @@ def test_run_that_already_finished_does_nothing_more(mura_root, uninterrupted):
     again = train.train_and_evaluate(_config(mura_root), workdir)
     assert again["history"] == full["history"] and again["step"] == full["step"]
     assert checkpoints.Checkpointer(workdir, read_only=True).all_steps() == steps_before
-    _assert_same_tree(helpers.final_variables(workdir), variables_before)
+    helpers.assert_same_tree(helpers.final_variables(workdir), variables_before)
 
 
 def test_keeps_latest_and_best_checkpoints_with_their_validation_loss(uninterrupted):

@@ -37,6 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.rotation_degrees = 30.0
     config.data.study_types = ""  # comma-separated subset, e.g. "XR_WRIST,XR_HAND"; empty: all
     config.data.fraction = 1.0  # fraction of studies to use (quick runs)
+    # The train split's study labels from this CSV (MURA's "<study folder>/,<label>" rows, e.g.
+    # <workdir>/relabel/train_labeled_studies.csv) instead of <root>/train_labeled_studies.csv;
+    # a label it changes may disagree with the study folder's _positive/_negative suffix.
+    config.data.labels_csv = ""
+    # A CSV of extra train images without labels (MURA image-path rows, under train/): label -1,
+    # left out of the supervised loss; studies may also have an empty or -1 label in the CSVs.
+    config.data.unlabeled_csv = ""
     config.data.on_missing = "error"  # listed image missing: 'error' or 'skip' (counted)
     config.data.on_bad_image = "error"  # unreadable image: 'error' or 'skip' (counted)
     config.data.num_workers = 0  # Grain worker processes (0: decode in the main process)
@@ -47,7 +54,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 20
 
     config.loss = ml_collections.ConfigDict()
-    config.loss.name = "weighted_bce"  # the training recipe (murajax/recipes): the paper's loss
+    # The training recipe (murajax/recipes): 'weighted_bce' (the paper's), 'focal', 'gce' or
+    # 'bootstrap'; each weighted per study type and label. Validation always reports the
+    # paper's weighted BCE against the given labels.
+    config.loss.name = "weighted_bce"
+    config.loss.label_smoothing = 0.0  # a: y -> y (1 - a) + a / 2, for every loss
+    config.loss.focal_gamma = 2.0  # focal: (1 - p_t)^gamma
+    config.loss.focal_alpha = 0.0  # focal: optax's class balance alpha; 0 = off
+    config.loss.gce_q = 0.7  # gce: (1 - p_y^q) / q; q -> 0 is cross-entropy, 1 is MAE
+    config.loss.bootstrap_beta = 0.95  # bootstrap: target beta y + (1 - beta) prediction
+    config.loss.bootstrap_mode = "soft"  # 'soft' (probability) or 'hard' (0/1 decision)
+
+    # Mixup / CutMix inside the train step (murajax/recipes/mixup.py), with any loss: images,
+    # targets and loss weights blended with the same lambda ~ Beta(alpha, alpha).
+    config.mixup = ml_collections.ConfigDict()
+    config.mixup.alpha = 0.0  # mixup's Beta parameter; 0 = off
+    config.mixup.cutmix_alpha = 0.0  # CutMix's; 0 = off (both > 0: one of the two per batch)
+    config.mixup.prob = 1.0  # share of batches mixed
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 1e-4
@@ -59,9 +82,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.plateau_cooldown = 0  # epochs after a drop during which no drop happens
     config.optim.plateau_threshold = 1e-4  # relative improvement that counts
     config.optim.min_learning_rate = 1e-8
+    # What trains: 'all' (the paper) or 'head' (the classifier head only: the backbone's params
+    # and BatchNorm statistics stay fixed, the backbone runs as at evaluation). For a second
+    # run that retrains the head on relabelled data: --config.optim.trainable=head
+    # --config.init_from=<first run's workdir> --config.data.labels_csv=<workdir>/relabel/...
+    config.optim.trainable = "all"
+
+    # Weight EMA: an exponential moving average of params and BatchNorm statistics, kept in the
+    # train state (checkpointed, resumed exactly): ema = decay * ema + (1 - decay) * new after
+    # every step, from the initial weights. In [0, 1); 0 (the paper): off, no EMA in the state.
+    # When on, every validation also scores the EMA weights (ema_* in metrics.jsonl).
+    config.ema = ml_collections.ConfigDict()
+    config.ema.decay = 0.0  # e.g. 0.999 (an average over ~1000 steps)
 
     config.parallelism = "jit"  # 'jit' (mesh with a 'data' axis) or 'pmap'
-    config.init_from = ""  # Keras DenseNet HDF5 with ImageNet weights; fresh runs only
+    # Fresh runs only: a Keras DenseNet HDF5 with ImageNet weights, or a murajax workdir (its
+    # best checkpoint's params and BatchNorm statistics; same config.model.name).
+    config.init_from = ""
     config.checkpoint_every_steps = 1000
     config.keep_best = 5
     config.log_every_steps = 50
@@ -77,7 +114,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.split = "valid"
     config.eval.ensemble_top_k = 5
     config.eval.threshold = 0.5
+    # Evaluate with the EMA weights (needs config.ema.decay > 0): then the EMA's validation loss,
+    # not the raw weights', drives the plateau rule and picks the best checkpoints, and
+    # --mode=evaluate / predict (and Predictor.from_workdir) load the EMA variables.
+    config.eval.use_ema = False
     config.eval.bootstrap_samples = 10000
     config.eval.readers = ""  # CSV of per-study reader labels for the reader comparison
     config.eval.reader_gold = ""  # comma-separated readers whose majority is the gold standard
+
+    # --mode=relabel: flip a train label where the ensemble's study probability disagrees with
+    # it at this confidence (p >= c: 0 -> 1; p <= 1 - c: 1 -> 0); in (0.5, 1).
+    config.relabel = ml_collections.ConfigDict()
+    config.relabel.confidence = 0.95
     return config

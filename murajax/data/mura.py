@@ -353,17 +353,24 @@ def _split_files(root, split: str) -> _SplitFiles:
     return files
 
 
-def _study_label(where: str, fields: list[str], parts: list[str]) -> int:
-    """The label of a study row, checked against the study folder's name."""
-    if fields[1] not in ("0", "1"):
+def _study_label(where: str, fields: list[str], parts: list[str],
+                 given: int | None = None) -> int:
+    """The label of a study row, checked against the study folder's name; -1 for a study
+    without a label (an empty label or -1: its folder's suffix is not a label then)."""
+    if fields[1].strip() not in ("0", "1", "", "-1"):
         raise UserError(
-            f"{where}: malformed label {fields[1]!r} for {fields[0]!r}: expected 0 (normal) or "
-            "1 (abnormal). Fix or remove the row."
+            f"{where}: malformed label {fields[1]!r} for {fields[0]!r}: expected 0 (normal), "
+            "1 (abnormal), or empty or -1 (no label). Fix or remove the row."
         )
-    label = int(fields[1])
     _check_study_type(where, parts, fields[0])
+    if fields[1].strip() in ("", "-1"):
+        return -1
+    label = int(fields[1])
     suffix_label = _label_from_suffix(parts[3])
-    if suffix_label >= 0 and suffix_label != label:
+    # given: the root's label of a study a config.data.labels_csv relabels; a label that file
+    # changes may disagree with the folder's suffix (which still spells the old label).
+    relabelled = given is not None and given != label
+    if suffix_label >= 0 and suffix_label != label and not relabelled:
         raise UserError(
             f"{where}: label {label} disagrees with the folder name {parts[3]!r} "
             f"(_positive means 1, _negative means 0). Correct the label or the folder name."
@@ -371,8 +378,10 @@ def _study_label(where: str, fields: list[str], parts: list[str]) -> int:
     return label
 
 
-def _read_studies(files: _SplitFiles, skip: _Skips) -> tuple[dict[str, int], dict[str, int]]:
-    """Study rows ("<study dir>/,<label>"): (study id -> label, study id -> CSV row number)."""
+def _read_studies(files: _SplitFiles, skip: _Skips, given: dict[str, int] | None = None,
+                  ) -> tuple[dict[str, int], dict[str, int]]:
+    """Study rows ("<study dir>/,<label>"): (study id -> label, study id -> CSV row number).
+    ``given``: the root's labels when ``files.studies_csv`` is a ``config.data.labels_csv``."""
     split = files.split
     study_label: dict[str, int] = {}
     study_row: dict[str, int] = {}
@@ -385,7 +394,7 @@ def _read_studies(files: _SplitFiles, skip: _Skips) -> tuple[dict[str, int], dic
             kind="study", path_form=f"MURA-v1.1/{split}/<study type>/<patient>/<study>/",
             depth=4,
         )
-        label = _study_label(where, fields, parts)
+        label = _study_label(where, fields, parts, None if given is None else given.get(rel))
         if rel in study_label:
             if study_label[rel] != label:
                 raise UserError(
@@ -400,9 +409,10 @@ def _read_studies(files: _SplitFiles, skip: _Skips) -> tuple[dict[str, int], dic
 
 
 def _read_images(files: _SplitFiles, study_label: dict[str, int], on_missing: str,
-                 skip: _Skips) -> list[ImageRecord]:
+                 skip: _Skips, unlabeled: bool = False) -> list[ImageRecord]:
     """Image rows (one path a row) of listed studies, in file order, duplicates and (with
-    ``on_missing='skip'``) missing files skipped."""
+    ``on_missing='skip'``) missing files skipped. ``unlabeled``: ``files.images_csv`` lists
+    extra images whose studies have no label and no study rows."""
     split, images_csv, studies_csv = files.split, files.images_csv, files.studies_csv
     records: list[ImageRecord] = []
     seen_images: dict[str, int] = {}
@@ -418,7 +428,14 @@ def _read_images(files: _SplitFiles, study_label: dict[str, int], on_missing: st
         )
         _check_study_type(where, parts, fields[0])
         study = "/".join(parts[:4])
-        if study not in study_label:
+        if unlabeled:
+            if study_label.get(study, -1) != -1:
+                raise UserError(
+                    f"{where}: image {fields[0]!r} belongs to study '{study}/', which "
+                    f"{studies_csv.name} labels: list only unlabelled studies in {images_csv}."
+                )
+            study_label[study] = -1
+        elif study not in study_label:
             raise UserError(
                 f"{where}: image {fields[0]!r} belongs to study '{study}/', which "
                 f"{studies_csv.name} does not list. Add the study with its label to "
@@ -467,6 +484,8 @@ def read_split(
     fraction: float = 1.0,
     on_missing: str = "error",
     seed: int = 0,
+    unlabeled_csv: str = "",
+    labels_csv: str = "",
 ) -> MuraIndex:
     """Reads one split of MURA-v1.1 from its two CSVs.
 
@@ -479,15 +498,32 @@ def read_split(
       on_missing: an image listed in the CSV but absent on disk: 'error' raises, 'skip' counts
         it in ``skipped`` and logs it.
       seed: seed of the fraction subset.
+      unlabeled_csv: a CSV of extra images of this split without labels, one MURA path a row
+        as in ``{split}_image_paths.csv`` (absolute, or relative to ``root``); label -1.
+      labels_csv: a CSV in the format of ``{split}_labeled_studies.csv`` (e.g. written by
+        ``--mode=relabel``) whose labels replace it; absolute, or relative to the current
+        folder. A study whose label it changes may disagree with its folder's suffix.
     """
     on_missing = _check_on_missing(on_missing)
     types = parse_study_types(study_types)
     fraction = _check_fraction(fraction)
     files = _split_files(root, split)
     skip = _Skips()
-    study_label, study_row = _read_studies(files, skip)
+    given = None
+    if labels_csv:  # the study labels from that file; the root's CSV is still read and checked
+        given, _ = _read_studies(files, _Skips())
+        files = dataclasses.replace(files, studies_csv=labels_csv_path(labels_csv))
+    study_label, study_row = _read_studies(files, skip, given)
     records = _read_images(files, study_label, on_missing, skip)
     _skip_studies_without_images(files, study_row, records, skip)
+    if unlabeled_csv:
+        extra = files.root / unlabeled_csv
+        if not extra.is_file():
+            raise UserError(f"config.data.unlabeled_csv: {extra} is not a file (a CSV of image "
+                            f"paths such as 'MURA-v1.1/{split}/XR_WRIST/patient00001/"
+                            "study1_negative/image1.png')")
+        records += _read_images(dataclasses.replace(files, images_csv=extra), study_label,
+                                on_missing, skip, unlabeled=True)
 
     skipped = skip.counts
     index = index_from_records(records, skipped)
@@ -603,4 +639,26 @@ def index_from_config(data_config, split: str) -> MuraIndex:
         fraction=data_config.get("fraction", 1.0),
         on_missing=data_config.get("on_missing", "error"),
         seed=0,
+        unlabeled_csv=data_config.get("unlabeled_csv", "") if split == "train" else "",
+        labels_csv=data_config.get("labels_csv", "") if split == "train" else "",
     )
+
+
+def labels_csv_path(labels_csv) -> pathlib.Path:
+    """``config.data.labels_csv`` as an existing file (absolute, or relative to the current
+    folder); a UserError naming the field otherwise."""
+    path = pathlib.Path(os.path.expanduser(str(labels_csv))).absolute()
+    if not path.is_file():
+        raise UserError(f"config.data.labels_csv: {path} is not a file (a CSV of MURA study rows "
+                        "such as 'MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/,1', "
+                        "e.g. <workdir>/relabel/train_labeled_studies.csv)")
+    return path
+
+
+def study_labels_file(data_config, split: str) -> pathlib.Path:
+    """The study-label CSV ``index_from_config`` reads for ``split``: ``config.data.labels_csv``
+    for the train split when set, else ``<root>/<split>_labeled_studies.csv``."""
+    labels_csv = data_config.get("labels_csv", "") if split == "train" else ""
+    if labels_csv:
+        return labels_csv_path(labels_csv)
+    return _resolve_root(data_config.root) / f"{split}_labeled_studies.csv"

@@ -134,14 +134,18 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.num_workers = max(1, num_workers if num_workers else min(4, os.cpu_count() or 1))
         self.steps: list[int] | None = None
+        self.use_ema = False  # from_workdir: whether the members are the checkpoints' EMAs
 
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike, *, top_k: int | None = None,
                      batch_size: int | None = None, threshold: float | None = None,
-                     num_workers: int | None = None) -> "Predictor":
+                     num_workers: int | None = None,
+                     use_ema: bool | None = None) -> "Predictor":
         """The ensemble of a trained run: its ``top_k`` lowest-validation-loss checkpoints
         (default ``config.eval.ensemble_top_k``), with the run's saved config. Their steps are
-        in ``.steps`` (so callers need not ask ``checkpoints.best_steps`` again)."""
+        in ``.steps`` (so callers need not ask ``checkpoints.best_steps`` again). ``use_ema``
+        (default ``config.eval.use_ema``, False for runs from before it existed): each member is
+        its checkpoint's EMA weights (a UserError if the run kept no EMA)."""
         from murajax import checkpoints, train_state
 
         config = checkpoints.load_run_config(workdir)
@@ -154,7 +158,10 @@ class Predictor:
             logging.warning("%s: asked for %d checkpoints, found %d; ensembling those.",
                             workdir, top_k, len(steps))
         logging.info("%s: ensemble of checkpoints at steps %s.", workdir, steps)
-        variables = [checkpoints.restore_variables(workdir, step) for step in steps]
+        if use_ema is None:
+            use_ema = bool(config.eval.get("use_ema", False))
+        variables = [checkpoints.restore_variables(workdir, step, use_ema=True) if use_ema
+                     else checkpoints.restore_variables(workdir, step) for step in steps]
         predictor = cls(
             train_state.model_from_config(config),
             variables,
@@ -165,6 +172,7 @@ class Predictor:
             num_workers=num_workers,
         )
         predictor.steps = list(steps)
+        predictor.use_ema = bool(use_ema)
         return predictor
 
     # -- arrays -------------------------------------------------------------------------------

@@ -74,15 +74,22 @@ def evaluate_workdir(overrides, workdir: str | os.PathLike, readers: str = "") -
     top_k = int(config.eval.ensemble_top_k)
     if top_k < 1:
         raise UserError(f"config.eval.ensemble_top_k must be >= 1, got {top_k}")
-    predictor = inference.Predictor.from_workdir(workdir, top_k=top_k,
-                                                 batch_size=int(config.eval_batch_size))
+    # config.eval.use_ema (the run's, or --config.eval.use_ema): score the EMA weights.
+    predictor = inference.Predictor.from_workdir(
+        workdir, top_k=top_k, batch_size=int(config.eval_batch_size),
+        use_ema=bool(config.eval.get("use_ema", False)))
     steps = predictor.steps  # the ensemble's checkpoints, found once by from_workdir
     task = tasks.from_config(config)
     index = task.read_split(config.data, config.eval.split)
-    logging.info("evaluating checkpoints %s on %s: %d images in %d studies", steps,
-                 config.eval.split, len(index.images), len(index.studies))
+    logging.info("evaluating checkpoints %s%s on %s: %d images in %d studies", steps,
+                 " (EMA weights)" if predictor.use_ema else "", config.eval.split,
+                 len(index.images), len(index.studies))
     members = predict_split(predictor, index, config.data, int(config.eval_batch_size))
     studies = task.score_studies(index, evaluation.ensemble_probabilities(list(members)))
+    unlabelled = int(np.sum(studies.label < 0))
+    if unlabelled:
+        logging.info("%d studies without a label are left out of the report", unlabelled)
+        studies = studies.subset(studies.label >= 0)
     comparison = None
     readers = readers or config.eval.readers
     if readers:
@@ -96,7 +103,8 @@ def evaluate_workdir(overrides, workdir: str | os.PathLike, readers: str = "") -
         )
     report = evaluation.build_report(
         studies, float(config.eval.threshold), num_samples=int(config.eval.bootstrap_samples),
-        seed=int(config.seed), checkpoints=[f"step {s}" for s in steps],
+        seed=int(config.seed),
+        checkpoints=[f"step {s}" + (" (EMA)" if predictor.use_ema else "") for s in steps],
         reader_comparison=comparison,
     )
     out_dir = os.path.join(str(workdir), "eval", str(config.eval.split))

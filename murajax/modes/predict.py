@@ -52,6 +52,29 @@ def csv_row(row: PredictionRow) -> dict[str, Any]:
     }
 
 
+def write_overlays(predictor: Predictor, rows: Sequence[PredictionRow], cam_dir, *,
+                   alpha: float = 0.4, cmap: str = "jet") -> list[tuple[str, str]]:
+    """Writes ``cam_dir/<row.name>.png``: each row's CAM (``predict(..., cam=True)``) over its
+    image at the original size. Returns ``(image, message)`` for each overlay that failed."""
+    cam_dir = Path(cam_dir)
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for row in rows:
+        try:  # decode again, one image at a time: overlays are at the original size
+            original = load_original(row.image)
+            box = cam_box(original.shape[0], original.shape[1], predictor.image_size,
+                          predictor.resize, row.cam.shape[0], row.cam.shape[1])
+            Image.fromarray(overlay(original, row.cam, alpha, cmap, cam_box=box)).save(
+                cam_dir / f"{row.name}.png"
+            )
+            del original
+        except DECODE_ERRORS as e:
+            message = describe_unreadable(row.image, e)
+            logging.warning("No CAM overlay: %s", message)
+            errors.append((row.image, f"CAM overlay failed: {message}"))
+    return errors
+
+
 def write_predictions(predictor: Predictor, inputs, output_dir: str | os.PathLike, *,
                       cam: bool = False, alpha: float = 0.4, cmap: str = "jet") -> PredictRun:
     """Runs ``predictor`` on ``inputs`` (paths, see ``find_images``) and writes the outputs
@@ -76,20 +99,7 @@ def _write(predictor: Predictor, items: Sequence[ImageInput], output_dir: str | 
     cam_dir = None
     if cam:
         cam_dir = output_dir / "cam"
-        cam_dir.mkdir(exist_ok=True)
-        for row in rows:
-            try:  # decode again, one image at a time: overlays are at the original size
-                original = load_original(row.image)
-                box = cam_box(original.shape[0], original.shape[1], predictor.image_size,
-                              predictor.resize, row.cam.shape[0], row.cam.shape[1])
-                Image.fromarray(overlay(original, row.cam, alpha, cmap, cam_box=box)).save(
-                    cam_dir / f"{row.name}.png"
-                )
-                del original
-            except DECODE_ERRORS as e:
-                message = describe_unreadable(row.image, e)
-                logging.warning("No CAM overlay: %s", message)
-                errors.append((row.image, f"CAM overlay failed: {message}"))
+        errors += write_overlays(predictor, rows, cam_dir, alpha=alpha, cmap=cmap)
 
     errors_csv = None
     if errors:
@@ -119,7 +129,8 @@ def run_predict(workdir: str | os.PathLike, inputs, output_dir: str | os.PathLik
     * with ``cam``, ``cam/<relative path>.png``: each image's CAM overlay at its original size.
 
     Raises ``UserError`` for no inputs/images, a workdir without checkpoints, or when no image
-    could be read at all. ``kwargs`` go to ``Predictor.from_workdir`` (batch_size, threshold).
+    could be read at all. ``kwargs`` go to ``Predictor.from_workdir`` (batch_size, threshold,
+    use_ema).
     """
     items = find_images(inputs)  # fail on bad inputs before loading any checkpoint
     predictor = Predictor.from_workdir(workdir, top_k=top_k, **kwargs)

@@ -38,6 +38,7 @@ class MuraTask:
                            threshold: float) -> dict[str, float]:
         """The study-level numbers logged at every epoch end."""
         studies = self.score_studies(index, probabilities)
+        studies = studies.subset(studies.label >= 0)  # unlabelled studies are not scored
         metrics = evaluation.binary_metrics(studies.label, studies.probability, threshold)
         return {"auroc": metrics["auroc"], "kappa": metrics["kappa"]}
 
