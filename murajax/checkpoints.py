@@ -6,7 +6,8 @@ that looks finished):
 
 * ``state``: the TrainState pytree (params, BatchNorm statistics, Adam state with the current
   learning rate, plateau tracker, step, PRNG key, loss weights; with ``config.ema.decay`` > 0,
-  ``ema``: the moving average of params and BatchNorm statistics);
+  ``ema``: the moving average of params and BatchNorm statistics; with ``config.reweight``,
+  ``running_loss``: each train image's running loss);
 * ``loader``: the train input iterator's state, so a restart continues with exactly the next batch;
 * ``progress``: JSON bookkeeping: epoch, validation history, best validation loss.
 
@@ -48,6 +49,9 @@ _VARIABLES_DIGEST = "variables_sha256"
 # progress key (runs with an EMA only): digest of the EMA's params + batch_stats, checked when
 # evaluation restores those
 _EMA_VARIABLES_DIGEST = "ema_variables_sha256"
+# progress key (runs with config.reweight only): digest of the running loss, checked when the
+# audit restores it alone
+_RUNNING_LOSS_DIGEST = "running_loss_sha256"
 # Failures of the storage, not of the program: reported as CheckpointWriteError.
 _STORAGE_ERRORS = re.compile(
     r"No space left|Disk quota|Read-only file system|Permission denied|Input/output error",
@@ -93,9 +97,17 @@ def _evaluation_variables(state, use_ema: bool = False) -> dict | None:
     return {"params": params, "batch_stats": batch_stats}
 
 
+def _running_loss(state) -> dict | None:
+    """``{'running_loss': array}`` of a TrainState or dict that keeps one, else None: the one
+    layout its digest is taken over."""
+    value = state.get("running_loss") if isinstance(state, dict) else getattr(
+        state, "running_loss", None)
+    return None if value is None else {"running_loss": value}
+
+
 def _on_disk(state):
     """The tree written for ``state``: a TrainState (any dataclass) as the dict of its pytree
-    fields, without ``ema`` when that is None (no EMA); other trees as they are.
+    fields, without ``ema`` or ``running_loss`` when None (off); other trees as they are.
 
     orbax records a None field as an entry of its own, so a TrainState without EMA saved as it
     is would no longer have the tree of the checkpoints written before the EMA existed (which
@@ -105,8 +117,9 @@ def _on_disk(state):
         return state
     tree = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
             if field.metadata.get("pytree_node", True)}
-    if tree.get("ema", 0) is None:
-        del tree["ema"]
+    for optional in ("ema", "running_loss"):  # None when off: no entry at all
+        if tree.get(optional, 0) is None:
+            del tree[optional]
     return tree
 
 
@@ -202,6 +215,9 @@ class Checkpointer:
         ema_variables = _evaluation_variables(state, use_ema=True)
         if ema_variables is not None:  # absent without an EMA: progress as it always was
             progress[_EMA_VARIABLES_DIGEST] = state_digest(ema_variables)
+        running_loss = _running_loss(state)
+        if running_loss is not None:  # absent without re-weighting
+            progress[_RUNNING_LOSS_DIGEST] = state_digest(running_loss)
         with self._reporting_write_errors(int(step)):
             self.manager.save(
                 int(step),
@@ -250,6 +266,7 @@ class Checkpointer:
         progress = dict(restored.progress)
         progress.pop(_VARIABLES_DIGEST, None)
         progress.pop(_EMA_VARIABLES_DIGEST, None)
+        progress.pop(_RUNNING_LOSS_DIGEST, None)
         state = _from_disk(restored.state, abstract_state)
         self._check_digest(step, state, progress.pop(_DIGEST, None))
         return state, restored.loader, progress
@@ -344,6 +361,26 @@ class Checkpointer:
         self._check_digest(step, variables, self.restore_progress(step).get(digest))
         return variables
 
+    def restore_running_loss(self, step: int) -> np.ndarray | None:
+        """float32 [train images]: checkpoint ``step``'s running loss per train image (NaN: never
+        seen), checked against its digest; None if the run kept none (config.reweight off)."""
+        metadata = self.manager.item_metadata(int(step))["state"]
+        if metadata.get("running_loss") is None:
+            return None
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        m = metadata["running_loss"]
+        target = {"running_loss": jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)}
+        raw = self.manager.restore(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args={"running_loss": ocp.ArrayRestoreArgs(sharding=device)},
+                partial_restore=True)),
+        ).state
+        restored = {"running_loss": raw["running_loss"]}
+        self._check_digest(step, restored,
+                           self.restore_progress(step).get(_RUNNING_LOSS_DIGEST))
+        return np.asarray(jax.device_get(restored["running_loss"]))
+
     def wait(self) -> None:
         """Waits for the background save; CheckpointWriteError if it failed."""
         step, self._pending = self._pending, None
@@ -396,6 +433,19 @@ def check_compatible(workdir: str | Path, config: ml_collections.ConfigDict) -> 
             f"{workdir} holds checkpoints of a run with config.ema.decay={before!r}, but this "
             f"run has config.ema.decay={now!r}: an EMA cannot be added to or dropped from a run "
             "mid-way; use another --workdir, or keep the EMA on (or off) as it was")
+    # A running loss in the state or none: likewise.
+    before, now = _reweighting(saved), _reweighting(config)
+    if (before == "none") != (now == "none"):
+        raise UserError(
+            f"{workdir} holds checkpoints of a run with config.reweight.mode={before!r}, but "
+            f"this run has config.reweight.mode={now!r}: a running loss cannot be added to or "
+            "dropped from a run mid-way; use another --workdir, or keep re-weighting on (or "
+            "off) as it was")
+
+
+def _reweighting(config: ml_collections.ConfigDict) -> str:
+    section = config.get("reweight")  # configs from before re-weighting existed have none
+    return str(section.get("mode", "none")) if section is not None else "none"
 
 
 def _ema_decay(config: ml_collections.ConfigDict) -> float:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from clu import metrics
 
 from murajax import optim
+from murajax.recipes import reweight as reweighting
 from murajax.train_state import TrainState, update_ema
 
 
@@ -64,8 +65,14 @@ def compute_gradients(state: TrainState, batch: dict, axis_name=None):
 
     Returns ``(grads, outputs, batch_stats)``: the gradients (summed over devices under
     ``pmap``), the per-example outputs and the BatchNorm statistics updated by this batch.
+    With a running loss in the state (``config.reweight``), each example's loss is weighted by
+    ``recipes.reweight.example_weights`` of the running loss before this step's update.
     """
     mask = supervised_mask(batch)
+    weighted = mask
+    if state.running_loss is not None:  # static: decided by the state's structure
+        weighted = mask * reweighting.example_weights(state.running_loss, batch["index"],
+                                                      state.reweight, state.step)
     # The global number of labelled real examples: each device's share of the mean is its sum over it,
     # so that summing gradients over devices gives the gradient of the global mean.
     count = jnp.maximum(_psum(jnp.sum(mask), axis_name), 1.0)
@@ -82,19 +89,32 @@ def compute_gradients(state: TrainState, batch: dict, axis_name=None):
             rngs={"dropout": dropout_rng},
         )
         outputs = _per_example_outputs(state, logits, batch, state.recipe.train_loss)
-        return jnp.sum(outputs["loss"] * mask) / count, (outputs, updates["batch_stats"])
+        return jnp.sum(outputs["loss"] * weighted) / count, (outputs, updates["batch_stats"])
 
     grads, (outputs, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     return _psum(grads, axis_name), outputs, batch_stats
+
+
+def _updated_running_loss(state: TrainState, index, loss, mask, axis_name):
+    if axis_name is not None:  # each device has its own examples: scatter them all everywhere
+        index, loss, mask = (jax.lax.all_gather(x, axis_name, tiled=True)
+                             for x in (index, loss, mask))
+    return reweighting.update_running_loss(state.running_loss, index, loss, mask,
+                                           state.reweight.momentum)
 
 
 def train_step(
     state: TrainState, batch: dict, axis_name=None
 ) -> tuple[TrainState, StepMetrics]:
     """One Adam update on the mean recipe loss over the (global) batch's unmasked examples;
-    then, if the state keeps one, the EMA of the new params and BatchNorm statistics."""
+    then, if the state keeps one, the EMA of the new params and BatchNorm statistics, and the
+    running loss of this batch's labelled examples (all devices' under ``pmap``: every replica
+    holds the same array)."""
     grads, outputs, batch_stats = compute_gradients(state, batch, axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if new_state.running_loss is not None:  # static, as the EMA's
+        new_state = new_state.replace(running_loss=_updated_running_loss(
+            new_state, batch["index"], outputs["loss"], supervised_mask(batch), axis_name))
     if new_state.ema is not None:  # static: decided by the state's structure at trace time
         new_state = new_state.replace(ema=update_ema(
             new_state.ema, new_state.params, new_state.batch_stats, new_state.ema_decay))

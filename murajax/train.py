@@ -32,6 +32,7 @@ from murajax import (checkpoints, models, optim, parallel, recipes, steps, tasks
                      train_state, workdir_lock, writers)
 from murajax.data import mura, pipeline
 from murajax.errors import UserError
+from murajax.recipes import reweight
 
 MIN_IMAGE_SIZE = 32  # smaller inputs pool to nothing: the network outputs NaN
 
@@ -247,17 +248,38 @@ def _with_variables(strategy, host, variables):
     return strategy.place_state(host)
 
 
-def _restore_or_start(config, workdir: Path, strategy, checkpointer, model, tx, loss_weights):
+def _check_running_loss_size(checkpointer, num_images: int) -> None:
+    """A UserError if the newest checkpoint's running loss has another number of train images
+    than this run's train split (its data settings changed)."""
+    try:
+        saved = checkpointer.manager.item_metadata(checkpointer.latest_step())["state"]
+        shape = tuple(saved["running_loss"].shape)
+    except Exception:  # noqa: BLE001 - unreadable: restore_latest_good reports it
+        return
+    if shape != (num_images,):
+        raise UserError(f"{checkpointer.directory} holds the running loss (config.reweight) of "
+                        f"{shape[0] if shape else 0} train images, but this run's train split "
+                        f"has {num_images}: keep the data settings of the run, or use another "
+                        "--workdir")
+
+
+def _restore_or_start(config, workdir: Path, strategy, checkpointer, model, tx, loss_weights,
+                      num_images: int = 0, steps_per_epoch: int = 1):
     """The state to train from, the loader position in its epoch, and the run's bookkeeping:
-    from the newest readable checkpoint, else fresh (with ImageNet weights if configured)."""
+    from the newest readable checkpoint, else fresh (with ImageNet weights if configured).
+    ``num_images``, ``steps_per_epoch``: the train split's, for ``config.reweight``'s running
+    loss (one entry per train image) and its start step."""
     state = strategy.init_state(functools.partial(
         train_state.create_train_state, jax.random.key(config.seed), model, tx,
         config.data.image_size, loss_weights, recipes.from_config(config),
         ema_decay=train_state.ema_decay_from_config(config),
+        reweight=reweight.from_config(config, steps_per_epoch), num_images=num_images,
     ))
     if optim.trainable_from_config(config.optim) == "head":  # the backbone frozen, eval mode
         state = state.replace(apply_fn=optim.head_only_apply(state.apply_fn))
     if checkpointer.all_steps():
+        if strategy.one_copy(state).running_loss is not None:
+            _check_running_loss_size(checkpointer, num_images)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             strategy.one_copy(state),
@@ -293,6 +315,7 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
     checkpoints.check_compatible(workdir, config)
     _check_same_trainable(workdir, config)
     train_state.ema_decay_from_config(config)  # a bad config.ema.decay fails before any work
+    reweight.from_config(config)  # so does a bad config.reweight field
     if config.data.image_size < MIN_IMAGE_SIZE:  # source images of any size are resized to it
         raise UserError(
             f"config.data.image_size={config.data.image_size} is too small: DenseNet halves the "
@@ -308,10 +331,10 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
     model = train_state.model_from_config(config, bn_axis_name=strategy.bn_axis_name)
     tx = optim.create_optimizer(config.optim)
     checkpointer = checkpoints.Checkpointer(workdir, keep_best=config.keep_best)
-    state, loader_state, progress = _restore_or_start(
-        config, workdir, strategy, checkpointer, model, tx, loss_weights)
-
     steps_per_epoch = pipeline.train_steps_per_epoch(len(data.train.images), config.batch_size)
+    state, loader_state, progress = _restore_or_start(
+        config, workdir, strategy, checkpointer, model, tx, loss_weights,
+        num_images=len(data.train.images), steps_per_epoch=steps_per_epoch)
     writer = writers.MetricWriter(workdir)
     run = _Training(config, task, strategy, checkpointer, writer, state, steps_per_epoch)
     summary = {"workdir": str(workdir), "checkpoints": str(checkpointer.directory),

@@ -3,9 +3,10 @@
 ``TrainState`` holds everything a step reads or writes: params, BatchNorm statistics, the Adam
 state (which carries the current learning rate), the step counter, a PRNG key, the plateau
 tracker and the per-study-type loss weights; with ``config.ema.decay`` > 0, an exponential moving
-average of params and BatchNorm statistics (``ema``; None, and so no leaf at all, when off); and,
-as static fields, the model's apply function, the training recipe and the EMA decay. It is the
-unit that is sharded, donated and checkpointed.
+average of params and BatchNorm statistics (``ema``; None, and so no leaf at all, when off); with
+``config.reweight.mode`` other than 'none', each train image's running loss (``running_loss``;
+None when off); and, as static fields, the model's apply function, the training recipe, the EMA
+decay and the re-weighting settings. It is the unit that is sharded, donated and checkpointed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import flax.struct
 from flax.training import train_state
 
 from murajax import models, optim, recipes, tasks
+from murajax.recipes import reweight as reweighting
 from murajax.errors import UserError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -40,6 +42,12 @@ class TrainState(train_state.TrainState):
     # and restored with the rest; None when off, so a default state has exactly its old leaves.
     ema: Any = None
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)  # static, like recipe
+
+    # float32 [number of train images]: each image's running loss (NaN: not seen yet), indexed
+    # by its position in the train split (murajax.recipes.reweight); None when
+    # config.reweight.mode is 'none', so a default state has exactly its old leaves.
+    running_loss: Any = None
+    reweight: reweighting.Reweight | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def variables(self) -> dict:
@@ -113,11 +121,15 @@ def create_train_state(
     loss_weights: np.ndarray,
     recipe: recipes.Recipe | None = None,
     ema_decay: float = 0.0,
+    reweight: reweighting.Reweight | None = None,
+    num_images: int = 0,
 ) -> TrainState:
     """Initialises a fresh state. Pure: meant to run under ``jax.jit`` or ``jax.eval_shape``.
 
     With ``ema_decay`` > 0 (``ema_decay_from_config`` checks it) the state keeps an EMA of params
-    and BatchNorm statistics, starting from their initial values."""
+    and BatchNorm statistics, starting from their initial values. With ``reweight``
+    (``recipes.reweight.from_config``) it keeps the running loss of ``num_images`` train
+    images, all NaN (not seen yet)."""
     init_rng, state_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init(init_rng, dummy, train=False)
@@ -126,6 +138,11 @@ def create_train_state(
     if ema_decay:
         # Copies: the EMA shares no buffer with params (the train step donates the state).
         ema = jax.tree.map(jnp.copy, {"params": params, "batch_stats": variables["batch_stats"]})
+    running_loss = None
+    if reweight is not None:
+        if num_images < 1:
+            raise ValueError("a running loss needs num_images >= 1 (the train split's size)")
+        running_loss = jnp.full((int(num_images),), jnp.nan, jnp.float32)
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
         apply_fn=model.apply,
@@ -139,4 +156,6 @@ def create_train_state(
         recipe=recipe or recipes.DEFAULT_RECIPE,
         ema=ema,
         ema_decay=float(ema_decay),
+        running_loss=running_loss,
+        reweight=reweight,
     )

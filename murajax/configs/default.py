@@ -72,6 +72,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixup.cutmix_alpha = 0.0  # CutMix's; 0 = off (both > 0: one of the two per batch)
     config.mixup.prob = 1.0  # share of batches mixed
 
+    # Loss-based re-weighting (murajax/recipes/reweight.py): the train state keeps each train
+    # image's running loss (r <- momentum r + (1 - momentum) loss; checkpointed); from
+    # start_epoch on, examples whose running loss is above its quantile get `weight`:
+    # 'small_loss' down-weights them (weight in [0, 1); MentorNet / co-teaching),
+    # 'large_loss' up-weights them (weight > 1). 'none' (the paper): off, no running loss.
+    config.reweight = ml_collections.ConfigDict()
+    config.reweight.mode = "none"
+    config.reweight.quantile = 0.7
+    config.reweight.weight = 0.1
+    config.reweight.momentum = 0.9
+    config.reweight.start_epoch = 1
+
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 1e-4
     config.optim.b1 = 0.9

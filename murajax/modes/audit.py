@@ -76,9 +76,9 @@ def score_split(overrides, workdir: str | os.PathLike, split: str | None = None)
 def suspicion_scores(labels, probabilities, running_loss=None) -> np.ndarray:
     """How much the model doubts each given label, in [0, 1]: ``|probability - label|``.
 
-    ``running_loss`` is the hook for the training loss each study had while the run trained
-    (one value per study, NaN where unknown). murajax does not record it yet (a later item
-    does); when given, a study's score is the mean of its disagreement and its loss's rank
+    ``running_loss``: the training loss each study had while the run trained (one value per
+    study, NaN where unknown; ``training_losses`` reads a ``config.reweight`` run's); when
+    given, a study's score is the mean of its disagreement and its loss's rank
     among the studies with one (0 the lowest, 1 the highest; ties share their mean rank), and
     the disagreement alone where the loss is NaN.
     """
@@ -124,6 +124,32 @@ def rank_suspects(studies: evaluation.StudyPredictions, running_loss=None):
     return ranked, scores[order]
 
 
+def training_losses(workdir, index) -> dict[str, float] | None:
+    """Study id -> the mean running loss of its views (NaN-free views only) in ``workdir``'s
+    latest checkpoint, for the train split's ``index``; None if the run kept no running loss
+    (``config.reweight.mode='none'``) or kept it for another number of images."""
+    from murajax import checkpoints
+
+    reader = checkpoints.Checkpointer(workdir, read_only=True)
+    step = reader.latest_step()
+    loss = None if step is None else reader.restore_running_loss(step)
+    if loss is None:
+        return None
+    if loss.shape != (len(index.images),):
+        logging.warning("the running loss of %s has %d images, the train split %d: not used",
+                        workdir, loss.shape[0], len(index.images))
+        return None
+    result = {}
+    for study in index.studies:
+        values = loss[index.views(study)]
+        values = values[np.isfinite(values)]
+        if len(values):
+            result[study] = float(values.mean())
+    logging.info("audit: the running loss of %d studies (checkpoint %d) joins the score",
+                 len(result), step)
+    return result
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
@@ -145,11 +171,14 @@ def _write_csv(path: Path, ranked, scores) -> None:
 
 
 def _write_markdown(path: Path, split: str, steps, ranked, scores, overlays, total: int,
-                    errors) -> None:
+                    errors, with_loss: bool = False) -> None:
     top = min(TOP, len(ranked))
+    score = ("the mean of |study probability - label| and the rank of the study's running "
+             "training loss (0 lowest, 1 highest)" if with_loss else
+             "|study probability - label|")
     lines = [f"# Label audit: {split}", "",
              f"The {top} of {total} labelled studies whose given label the ensemble (checkpoints "
-             f"{steps}) doubts most; score = |study probability - label| (1: certain the label "
+             f"{steps}) doubts most; score = {score} (1: certain the label "
              "is wrong). All studies, ranked: `suspects.csv`. Each CAM shows where the model "
              "sees an abnormality.", "",
              "| rank | study | type | label | probability | score | CAM overlays |",
@@ -170,11 +199,13 @@ def audit_workdir(overrides, workdir: str | os.PathLike, *,
                   running_loss: Mapping[str, float] | None = None) -> Path:
     """Writes ``<workdir>/audit/<split>/`` (suspects.csv, suspects.md, cam/; see the module
     docstring) for ``config.eval.split`` and returns that folder. ``overrides``: dotted field
-    -> value, as ``--mode=evaluate`` takes them. ``running_loss``: the hook for per-study
-    training losses (study id -> loss), not recorded by murajax yet; None: the ensemble's
-    disagreement alone."""
+    -> value, as ``--mode=evaluate`` takes them. ``running_loss``: per-study training losses
+    (study id -> loss); None: on the train split of a run that kept one (``config.reweight``),
+    its latest checkpoint's (``training_losses``), else the ensemble's disagreement alone."""
     scored = score_split(overrides, workdir)
     studies, index, predictor = scored.studies, scored.index, scored.predictor
+    if running_loss is None and scored.split == "train":
+        running_loss = training_losses(workdir, index)
     unlabelled = int(np.sum(studies.label < 0))
     if unlabelled:
         logging.info("%d studies without a label have nothing to audit: left out", unlabelled)
@@ -203,7 +234,7 @@ def audit_workdir(overrides, workdir: str | os.PathLike, *,
     drawn = {row.name for row in predictions.rows if row.image not in failed}
     overlays = [[name for name in names if name in drawn] for names in overlays]
     _write_markdown(out_dir / "suspects.md", scored.split, predictor.steps, ranked, scores,
-                    overlays, len(ranked), errors)
+                    overlays, len(ranked), errors, with_loss=running_loss is not None)
     logging.info("audit of %s: %d labelled studies ranked, the top %d with %d CAM overlays -> %s",
                  scored.split, len(ranked), top, sum(len(n) for n in overlays), out_dir)
     return out_dir
