@@ -237,6 +237,30 @@ def attempt(kill: Kill, command, env, workdir, log_path) -> tuple[int, int]:
 # ---- checkpoints --------------------------------------------------------------------------
 
 
+def killed_and_uninterrupted(tmp_path, overrides: dict, env,
+                             kill: Kill | None = None) -> tuple[Path, Path]:
+    """Two one-device driver runs of ``overrides`` under ``tmp_path``: one killed (by default
+    SIGKILL at step 7) and rerun to the end, one never interrupted. Returns their workdirs
+    (killed, uninterrupted), both finished; the rerun is checked to have resumed."""
+    reference = tmp_path / "reference"
+    rc = run(driver_command(reference, overrides), env, tmp_path / "ref.log")
+    assert rc == 0, tail(tmp_path / "ref.log")
+    killed = tmp_path / "killed"
+    attempt(kill or Kill("step", 7, 0.0), driver_command(killed, overrides), env, killed,
+            tmp_path / "attempt.log")
+    rc = run(driver_command(killed, overrides), env, tmp_path / "final.log")
+    assert rc == 0, tail(tmp_path / "final.log")
+    assert "resumed from step" in (tmp_path / "final.log").read_text()
+    return killed, reference
+
+
+def metric_records(workdir) -> list[dict]:
+    """``metrics.jsonl`` without the timing field, which differs run to run."""
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_second"}
+            for line in lines]
+
+
 def committed_steps(workdir) -> list[int]:
     folder = Path(workdir) / "checkpoints"
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []

@@ -123,12 +123,6 @@ def _config(root, **overrides):
                                        "ema.decay": DECAY, "eval.use_ema": True, **overrides})
 
 
-def _records(workdir):
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_second"}
-            for line in lines]
-
-
 def _final(workdir):
     step = checkpoints.Checkpointer(workdir, read_only=True).latest_step()
     return (checkpoints.restore_variables(workdir, step),
@@ -155,12 +149,12 @@ def test_resumed_run_ends_with_bit_identical_ema_and_params(mura_root, uninterru
     helpers.assert_same_tree(variables, full_variables)
     helpers.assert_same_tree(ema, full_ema)
     assert final["history"] == full["history"]
-    assert _records(tmp_path) == _records(full_dir)
+    assert harness.metric_records(tmp_path) == harness.metric_records(full_dir)
 
 
 def test_validation_logs_both_and_use_ema_selects_the_ema(uninterrupted):
     workdir, full = uninterrupted
-    valid = [r for r in _records(workdir) if r["split"] == "valid"]
+    valid = [r for r in harness.metric_records(workdir) if r["split"] == "valid"]
     assert len(valid) == 2
     for record in valid:
         for key in ("loss", "auroc", "kappa", "ema_loss", "ema_auroc", "ema_kappa",
@@ -269,18 +263,9 @@ def test_ema_run_killed_mid_epoch_resumes_bit_identically(mura_root, tmp_path):
                  "data.image_size": 32, "batch_size": 8, "eval_batch_size": 16,
                  "num_epochs": 1, "checkpoint_every_steps": 3, "log_every_steps": 1,
                  "keep_best": 1, "ema.decay": DECAY}
-    reference = tmp_path / "reference"
-    rc = harness.run(harness.driver_command(reference, overrides), env, tmp_path / "ref.log")
-    assert rc == 0, harness.tail(tmp_path / "ref.log")
-
-    killed = tmp_path / "killed"
-    harness.attempt(harness.Kill("step", 7, 0.0), harness.driver_command(killed, overrides),
-                    env, killed, tmp_path / "attempt.log")
     # Killed at step 7: the save of 6 waited for 3 to commit, so it resumes from 3 or 6.
-    rc = harness.run(harness.driver_command(killed, overrides), env, tmp_path / "final.log")
-    assert rc == 0, harness.tail(tmp_path / "final.log")
-    assert "resumed from step" in (tmp_path / "final.log").read_text()
+    killed, reference = harness.killed_and_uninterrupted(tmp_path, overrides, env)
     (variables, ema), (ref_variables, ref_ema) = _final(killed), _final(reference)
     helpers.assert_same_tree(variables, ref_variables)
     helpers.assert_same_tree(ema, ref_ema)
-    assert _records(killed) == _records(reference)
+    assert harness.metric_records(killed) == harness.metric_records(reference)

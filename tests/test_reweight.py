@@ -3,7 +3,6 @@ hand-made arrays, the scatter inside the step (jit and pmap alike), its absence 
 resume (in process and after kill -9), bad fields refused, and the audit reading it."""
 
 import csv
-import json
 
 import jax
 import jax.numpy as jnp
@@ -220,12 +219,6 @@ def _config(root, **overrides):
                                        "reweight.mode": "small_loss", **overrides})
 
 
-def _records(workdir):
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_second"}
-            for line in lines]
-
-
 def _final(workdir):
     reader = checkpoints.Checkpointer(workdir, read_only=True)
     step = reader.latest_step()
@@ -253,7 +246,7 @@ def test_resumed_run_ends_with_bit_identical_running_loss_and_params(mura_root, 
     helpers.assert_same_tree(variables, full_variables)
     np.testing.assert_array_equal(running, full_running)
     assert final["history"] == full["history"]
-    assert _records(tmp_path) == _records(full_dir)
+    assert harness.metric_records(tmp_path) == harness.metric_records(full_dir)
     # Every labelled train image was seen: a finite running loss each.
     index = mura.read_split(mura_root, "train")
     assert running.shape == (len(index.images),)
@@ -313,18 +306,9 @@ def test_reweight_run_killed_mid_epoch_resumes_bit_identically(mura_root, tmp_pa
                  "data.image_size": 32, "batch_size": 8, "eval_batch_size": 16,
                  "num_epochs": 1, "checkpoint_every_steps": 3, "log_every_steps": 1,
                  "keep_best": 1, "reweight.mode": "small_loss", "reweight.start_epoch": 0}
-    reference = tmp_path / "reference"
-    rc = harness.run(harness.driver_command(reference, overrides), env, tmp_path / "ref.log")
-    assert rc == 0, harness.tail(tmp_path / "ref.log")
-
-    killed = tmp_path / "killed"
-    harness.attempt(harness.Kill("step", 7, 0.0), harness.driver_command(killed, overrides),
-                    env, killed, tmp_path / "attempt.log")
-    rc = harness.run(harness.driver_command(killed, overrides), env, tmp_path / "final.log")
-    assert rc == 0, harness.tail(tmp_path / "final.log")
-    assert "resumed from step" in (tmp_path / "final.log").read_text()
+    killed, reference = harness.killed_and_uninterrupted(tmp_path, overrides, env)
     (variables, running), (ref_variables, ref_running) = _final(killed), _final(reference)
     helpers.assert_same_tree(variables, ref_variables)
     np.testing.assert_array_equal(running, ref_running)
     assert np.isfinite(running).sum() > 0
-    assert _records(killed) == _records(reference)
+    assert harness.metric_records(killed) == harness.metric_records(reference)
