@@ -80,3 +80,18 @@ def assert_same_tree(a, b):
     assert len(leaves_a) == len(leaves_b) > 0
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def train_with_two_interruptions(make_config, workdir, steps_per_epoch: int) -> dict:
+    """Trains ``make_config(**overrides)`` in ``workdir`` stopped twice: at step 3 (mid-epoch,
+    between checkpoints), then ``steps_per_epoch`` steps later (in the next epoch); then to the
+    end. Returns the last run's summary."""
+    from murajax import train
+
+    first = train.train_and_evaluate(make_config(stop_after_steps=3), workdir)
+    assert first["preempted"] and first["step"] == 3
+    second = train.train_and_evaluate(make_config(stop_after_steps=steps_per_epoch), workdir)
+    assert second["preempted"] and second["step"] == 3 + steps_per_epoch
+    final = train.train_and_evaluate(make_config(), workdir)
+    assert not final["preempted"]
+    return final

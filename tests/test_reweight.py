@@ -235,13 +235,9 @@ def test_resumed_run_ends_with_bit_identical_running_loss_and_params(mura_root, 
                                                                      tmp_path):
     full_dir, full = uninterrupted
     steps_per_epoch = full["history"][0]["step"]
-    first = train.train_and_evaluate(_config(mura_root, stop_after_steps=3), tmp_path)
-    assert first["preempted"] and first["step"] == 3  # mid-epoch, between checkpoints
-    second = train.train_and_evaluate(_config(mura_root, stop_after_steps=steps_per_epoch),
-                                      tmp_path)
-    assert second["preempted"] and second["step"] == 3 + steps_per_epoch  # past start_epoch
-    final = train.train_and_evaluate(_config(mura_root), tmp_path)
-    assert not final["preempted"]
+    # The second stop is past start_epoch.
+    final = helpers.train_with_two_interruptions(lambda **extra: _config(mura_root, **extra),
+                                                 tmp_path, steps_per_epoch)
     (variables, running), (full_variables, full_running) = _final(tmp_path), _final(full_dir)
     helpers.assert_same_tree(variables, full_variables)
     np.testing.assert_array_equal(running, full_running)

@@ -32,13 +32,8 @@ def test_resumed_run_ends_with_bit_identical_params(mura_root, uninterrupted, tm
     steps_per_epoch = full["history"][0]["step"]
     # Stop mid-epoch 0, at a step that is no checkpoint_every_steps multiple, then again in
     # epoch 1, then finish.
-    first = train.train_and_evaluate(_config(mura_root, stop_after_steps=3), tmp_path)
-    assert first["preempted"] and first["step"] == 3
-    second = train.train_and_evaluate(
-        _config(mura_root, stop_after_steps=steps_per_epoch), tmp_path)
-    assert second["preempted"] and second["step"] == 3 + steps_per_epoch
-    final = train.train_and_evaluate(_config(mura_root), tmp_path)
-    assert not final["preempted"]
+    final = helpers.train_with_two_interruptions(
+        lambda **extra: _config(mura_root, **extra), tmp_path, steps_per_epoch)
     helpers.assert_same_tree(helpers.final_variables(tmp_path), helpers.final_variables(uninterrupted[0]))
     assert final["val_loss"] == full["val_loss"]
     # metrics.jsonl reads as one run: same train losses at the same steps.
