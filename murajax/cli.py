@@ -177,7 +177,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def _check_run_dir(workdir: str) -> None:
-    """--mode=evaluate/predict/audit/relabel: fail before JAX starts when ``workdir`` holds no trained run."""
+    """--mode=evaluate/predict/audit/relabel: fail before JAX starts when ``workdir`` holds
+    no trained run."""
     path = Path(workdir) / "config.json"  # checkpoints.CONFIG_FILE (that module loads JAX)
     if not path.is_file():
         raise UserError(f"{path} not found: {workdir} is not a murajax run directory "

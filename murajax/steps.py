@@ -73,8 +73,8 @@ def compute_gradients(state: TrainState, batch: dict, axis_name=None):
     if state.running_loss is not None:  # static: decided by the state's structure
         weighted = mask * reweighting.example_weights(state.running_loss, batch["index"],
                                                       state.reweight, state.step)
-    # The global number of labelled real examples: each device's share of the mean is its sum over it,
-    # so that summing gradients over devices gives the gradient of the global mean.
+    # The global number of labelled real examples: each device's share of the mean is its sum
+    # over it, so that summing gradients over devices gives the gradient of the global mean.
     count = jnp.maximum(_psum(jnp.sum(mask), axis_name), 1.0)
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     if state.recipe.prepare is not None:  # e.g. mixup: before the forward pass, keyed per step
@@ -112,13 +112,14 @@ def train_step(
     holds the same array)."""
     grads, outputs, batch_stats = compute_gradients(state, batch, axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    mask = supervised_mask(batch)
     if new_state.running_loss is not None:  # static, as the EMA's
         new_state = new_state.replace(running_loss=_updated_running_loss(
-            new_state, batch["index"], outputs["loss"], supervised_mask(batch), axis_name))
+            new_state, batch["index"], outputs["loss"], mask, axis_name))
     if new_state.ema is not None:  # static: decided by the state's structure at trace time
         new_state = new_state.replace(ema=update_ema(
             new_state.ema, new_state.params, new_state.batch_stats, new_state.ema_decay))
-    return new_state, _collect(StepMetrics, outputs, supervised_mask(batch), axis_name)
+    return new_state, _collect(StepMetrics, outputs, mask, axis_name)
 
 
 def eval_step(

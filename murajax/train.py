@@ -49,7 +49,8 @@ class DataSplits:
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: Path, task) -> DataSplits:
-    """Reads both splits as ``task`` defines them. Resolves ``config.data.root`` (generating synthetic MURA if asked) and reads both splits."""
+    """Resolves ``config.data.root`` (generating synthetic MURA if asked) and reads both
+    splits as ``task`` defines them."""
     data_config = config.data
     if not data_config.root:
         if data_config.synthetic_studies <= 0:

@@ -98,8 +98,9 @@ def compute_dtype(name: str):
 
 def model_from_config(config: ml_collections.ConfigDict, *, bn_axis_name: str | None = None):
     """The model ``config.model.name`` selects (``murajax.models`` registry), with as many
-    outputs as ``config.task`` needs and the config's numerics settings. Unknown names and bad ``conv_impl``/``remat`` values are
-    UserErrors naming the field (checked, and 'auto' resolved, by ``murajax.models``)."""
+    outputs as ``config.task`` needs and the config's numerics settings. Unknown names and
+    bad ``conv_impl``/``remat`` values are UserErrors naming the field (checked, and 'auto'
+    resolved, by ``murajax.models``)."""
     model_config = config.model
     return models.create(
         model_config.name,

@@ -139,7 +139,8 @@ def binary_metrics(labels, probabilities, threshold: float = 0.5) -> dict[str, f
     values = _weighted_metrics(ones, y, pred, _AurocPrep(y, p))
     out: dict[str, float] = {k: float(values[k][0]) for k in RATE_METRICS}
     tp, fp, tn, fn = (int(round(values[k][0])) for k in ("tp", "fp", "tn", "fn"))
-    out.update(n=n, n_positive=int(y.sum()), n_negative=int(n - y.sum()), tp=tp, fp=fp, tn=tn, fn=fn)
+    out.update(n=n, n_positive=int(y.sum()), n_negative=int(n - y.sum()),
+               tp=tp, fp=fp, tn=tn, fn=fn)
     return out
 
 
