@@ -1,13 +1,14 @@
 """Throughput of the training input pipeline (decode, resize+flip+rotate, normalise, batch).
 
     python benchmarks/pipeline_throughput.py [--root /path/to/MURA-v1.1] [--image_size 320]
-        [--batch_size 16] [--batches 40] [--num_workers 0] [--resize stretch]
+        [--batch_size 16] [--batches 40] [--num_workers 0] [--resize stretch] [--repeats 3]
 
-Without --root it generates synthetic MURA (120 studies) in a temporary folder. It reports
-images/s of wall time and, for the in-process pipeline (--num_workers 0, no prefetch thread),
-images per CPU-second of this process: on a shared machine the CPU figure is what one worker
-sustains, the wall figure depends on what else runs. With --num_workers N it reports the wall
-rate divided by N (per worker).
+Without --root it generates synthetic MURA (120 studies) in a temporary folder. Each repeat
+(a new epoch's loader) reports images/s of wall time, that per worker, and images per
+CPU-second of the whole process tree, worker processes included: on a shared machine the CPU
+figure is what the pipeline costs, the wall figure depends on what else runs. The timing is
+``murajax.bench.time_loader``'s, as ``python -m murajax.bench --pipeline-only`` (one loader,
+the cache, JSON) and ``benchmarks/torch_pipeline.py`` (side by side with torchvision) use it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ import os
 import pathlib
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import ml_collections  # noqa: E402
-
-from murajax import synthetic  # noqa: E402
+from murajax import bench  # noqa: E402
 from murajax.data import mura, pipeline  # noqa: E402
 
 
@@ -41,41 +39,28 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.root or synthetic.generate(tmp, num_studies=args.studies, seed=0)
+        root = args.root or bench._synthetic_root(tmp, args.studies)
         index = mura.read_split(root, "train")
-        config = ml_collections.ConfigDict({
-            "image_size": args.image_size, "resize": args.resize, "hflip": True,
-            "rotation_degrees": 30.0, "on_bad_image": "error", "num_workers": args.num_workers,
-            "prefetch": args.prefetch,
-        })
-        steps = pipeline.steps_per_epoch(len(index.images), args.batch_size)
-        batches = min(args.batches, steps)
+        config = bench.pipeline_config(args.image_size, num_workers=args.num_workers,
+                                       prefetch=args.prefetch, resize=args.resize,
+                                       augment_on="host")
+        batches = min(args.batches, pipeline.steps_per_epoch(len(index.images),
+                                                             args.batch_size))
         print(f"{len(index.images)} images from {root}; {args.image_size}x{args.image_size} "
               f"{args.resize}, batch {args.batch_size}, {batches} batches, "
               f"num_workers={args.num_workers}, prefetch={args.prefetch}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         best_wall = best_cpu = 0.0
         for repeat in range(args.repeats):
-            loader = pipeline.train_loader(index, config, global_batch_size=args.batch_size,
-                                           seed=0, epoch=repeat)
-            next(loader)  # start-up (worker processes) is not throughput
-            wall, cpu = time.perf_counter(), time.process_time()
-            for _ in range(batches - 1):
-                next(loader)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            loader.close()
-            n = (batches - 1) * args.batch_size
-            rate = n / wall
-            per_worker = rate / max(1, args.num_workers)
-            line = f"  run {repeat}: {rate:7.1f} images/s wall, {per_worker:7.1f} per worker"
-            if args.num_workers == 0:
-                cpu_rate = n / cpu
-                best_cpu = max(best_cpu, cpu_rate)
-                line += f", {cpu_rate:7.1f} images per CPU-second"
-            best_wall = max(best_wall, per_worker)
-            print(line, flush=True)
-        print(f"best: {best_wall:.1f} images/s per worker (wall)"
-              + (f", {best_cpu:.1f} images per CPU-second" if args.num_workers == 0 else ""))
+            r = bench.time_loader(index, config, args.batch_size, batches=batches - 1, warmup=1)
+            per_worker = r["pipeline_images_per_s"] / max(1, args.num_workers)
+            cpu_rate = r["pipeline_images_per_cpu_s"] or 0.0
+            best_wall, best_cpu = max(best_wall, per_worker), max(best_cpu, cpu_rate)
+            print(f"  run {repeat}: {r['pipeline_images_per_s']:7.1f} images/s wall, "
+                  f"{per_worker:7.1f} per worker, {cpu_rate:7.1f} images per CPU-second",
+                  flush=True)
+        print(f"best: {best_wall:.1f} images/s per worker (wall), {best_cpu:.1f} images per "
+              "CPU-second")
     return 0
 
 

@@ -4,6 +4,9 @@
         [--dtype float32|bfloat16] [--remat [auto|none|bottleneck|layer]] [--parallelism jit|pmap]
         [--steps 10] [--warmup 2] [--no-eval] [--pipeline/--no-pipeline]
         [--compilation-cache DIR] [--json FILE]
+    python -m murajax.bench --pipeline-only [--data-root MURA-v1.1] [--cache DIR]
+        [--image-size 320] [--batch-size 8] [--num-workers 0|N|auto] [--batches 20]
+        [--warmup 2] [--augment-on host|device] [--stall] [--json FILE]
 
 (absl flags, murajax/command_flags.py: ``--help`` lists them; ``--batch_size`` works too.)
 This module owns the benchmark: building a bench state, timing the compiled steps, the table
@@ -25,6 +28,13 @@ What it measures, in one process:
   ``memory_stats()['peak_bytes_in_use']``;
 * the training input pipeline (``murajax.data.pipeline.train_loader``, in-process decoding)
   over a small synthetic MURA set written to a temporary folder.
+
+``--pipeline-only`` measures the input pipeline alone, from PNG files or an image cache
+(``config.data.cache``) with any number of workers: ``pipeline_images_per_s`` (wall) and
+``pipeline_images_per_cpu_s``, images per CPU-second of the whole process tree, worker processes
+included (``murajax.cpu_time``), over ``--batches`` batches after ``--warmup``. ``--stall`` then
+trains the tiny model on those batches with ``train.py``'s loop and reports its input stall
+(``input_stall``). ``benchmarks/torch_pipeline.py`` runs it side by side with torchvision.
 
 The state has the structure of ``train_state.create_train_state``'s (checked), with He-normal
 kernels drawn by NumPy: running the initialiser would compile a second DenseNet program, which
@@ -235,35 +245,232 @@ def device_peak_mb() -> float | None:
 def pipeline_images_per_s(image_size: int, batch_size: int, *, studies: int = 40,
                           batches: int = 6, workdir: str | None = None) -> dict[str, float]:
     """Training input pipeline throughput (in-process decoding) over synthetic MURA."""
-    import ml_collections
-
-    from murajax import synthetic
-    from murajax.data import mura, pipeline
-
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        root = synthetic.generate(tmp, num_studies=studies, seed=0)
-        index = mura.read_split(root, "train")
-        data_config = ml_collections.ConfigDict({
-            "image_size": image_size, "resize": "stretch", "hflip": True,
-            "rotation_degrees": 30.0, "on_bad_image": "error", "num_workers": 0, "prefetch": 0,
-        })
-        available = pipeline.steps_per_epoch(len(index.images), batch_size)
+        root = _synthetic_root(tmp, studies)
+        config = pipeline_config(image_size, num_workers=0, prefetch=0)
+        index = _train_index(root, config)
+        available = _available_batches(index, batch_size)
         if available < 2:
             raise UserError(f"pipeline benchmark: {len(index.images)} synthetic images give "
                             f"fewer than 2 batches of {batch_size}; raise --pipeline-studies")
-        batches = min(batches, available)
-        loader = pipeline.train_loader(index, data_config, global_batch_size=batch_size, seed=0,
-                                       epoch=0)
-        next(loader)  # iterator start-up is not throughput
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(batches - 1):
-            next(loader)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        timed = time_loader(index, config, batch_size, batches=min(batches, available) - 1,
+                            warmup=1)
+    return {"pipeline_images_per_s": timed["pipeline_images_per_s"],
+            "pipeline_images_per_cpu_s": timed["pipeline_images_per_cpu_s"],
+            "pipeline_batches": timed["pipeline_batches"]}
+
+
+# ------------------------------------------------------------------------------------------
+# The input pipeline alone (--pipeline-only), and the training loop's input stall (--stall).
+
+
+def pipeline_config(image_size: int, *, cache: str = "", num_workers: int | str = 0,
+                    prefetch: int = 2, augment_on: str = "", resize: str = "stretch",
+                    model: str = "densenet_tiny", batch_size: int = 8):
+    """The paper's config (flips, 30-degree rotations) with these input settings."""
+    config = default_config.get_config()
+    config.model.name = model
+    config.batch_size = config.eval_batch_size = batch_size
+    data = config.data
+    data.image_size, data.resize, data.prefetch = image_size, resize, prefetch
+    data.num_workers = num_workers
+    if cache:
+        data.cache = os.path.expanduser(cache)
+    if augment_on:
+        data.augment_on = augment_on
+    return config
+
+
+def _synthetic_root(tmp, studies: int) -> pathlib.Path:
+    from murajax import synthetic
+
+    return synthetic.generate(tmp, num_studies=studies, seed=0)
+
+
+def _train_index(root, config):
+    from murajax.data import mura
+
+    return mura.read_split(root, "train", on_missing=config.data.on_missing)
+
+
+def _available_batches(index, batch_size: int) -> int:
+    from murajax.data import pipeline
+
+    return pipeline.steps_per_epoch(len(index.images), batch_size)
+
+
+def _check_counts(batches: int, warmup: int, available: int, batch_size: int, images: int):
+    if batches < 1 or warmup < 1:
+        raise UserError(f"--batches must be >= 1 and --warmup >= 1 (the first batch includes "
+                        f"starting the workers), got {batches} and {warmup}")
+    if batches + warmup > available:
+        raise UserError(f"--warmup {warmup} + --batches {batches} batches of {batch_size} need "
+                        f"{(batches + warmup) * batch_size} images; the train split has "
+                        f"{images} ({available} batches): lower --batches, --warmup or "
+                        "--batch-size, or give more data (--studies for synthetic data)")
+
+
+def time_loader(index, config, batch_size: int, *, batches: int, warmup: int) -> dict:
+    """Wall and process-tree CPU time of ``batches`` training batches after ``warmup``."""
+    from murajax import cpu_time
+    from murajax.data import pipeline
+
+    loader = pipeline.train_loader(index, config.data, global_batch_size=batch_size, seed=0,
+                                   epoch=0)
+    try:
+        for _ in range(warmup):  # the first one starts the workers: not throughput
+            batch = next(loader)
+        watch = cpu_time.Stopwatch()
+        for _ in range(batches):
+            batch = next(loader)
+        wall, cpu = watch.read()
+    finally:
         loader.close()
-    images = (batches - 1) * batch_size
+    images = batches * batch_size
     return {"pipeline_images_per_s": images / wall,
             "pipeline_images_per_cpu_s": images / cpu if cpu > 0 else None,
-            "pipeline_batches": batches - 1}
+            "pipeline_wall_s": wall, "pipeline_cpu_s": cpu, "pipeline_batches": batches,
+            "pipeline_image_dtype": str(batch["image"].dtype),
+            "cpu_accounting": cpu_time.METHOD}
+
+
+def pipeline_only(data_root: str = "", cache: str = "", image_size: int = 320,
+                  batch_size: int = 16, num_workers: int | str = 0, prefetch: int = 2,
+                  batches: int = 20, warmup: int = 2, augment_on: str = "",
+                  studies: int = 150, stall: bool = False, stall_steps: int = 10,
+                  model: str = "densenet_tiny", log=print) -> dict[str, Any]:
+    """``--pipeline-only``: the training input pipeline (PNG files, or the cache) on its own,
+    and with ``stall`` the training loop's input stall; the flat dict ``--json`` writes."""
+    from murajax.data import pipeline
+
+    if cache and not data_root:
+        raise UserError("--cache needs --data-root: the index and labels come from the "
+                        "MURA-v1.1 folder the cache was built from")
+    if stall:  # before the pipeline's timing: the step shards the batch over the devices
+        parallel.check_batch_size(batch_size, "--batch-size")
+    config = pipeline_config(image_size, cache=cache, num_workers=num_workers,
+                             prefetch=prefetch, augment_on=augment_on, model=model,
+                             batch_size=batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        if data_root:
+            root = pathlib.Path(os.path.expanduser(data_root))
+        else:
+            log(f"writing {studies} synthetic studies")
+            root = _synthetic_root(tmp, studies)
+        index = _train_index(root, config)
+        available = _available_batches(index, batch_size)
+        _check_counts(batches, warmup, available, batch_size, len(index.images))
+        result: dict[str, Any] = {
+            "mode": "pipeline", "data_root": str(root) if data_root else "synthetic",
+            "pipeline_source": "cache" if cache else "png", "cache": cache,
+            "image_size": image_size, "batch_size": batch_size,
+            "num_workers": pipeline.resolve_num_workers(config.data.num_workers),
+            "prefetch": prefetch, "augment_on": config.data.get("augment_on", "host"),
+            "warmup": warmup, "train_images": len(index.images),
+            **_host_environment(),
+        }
+        log(f"timing {batches} batches of {batch_size} after {warmup} warm-up "
+            f"({result['pipeline_source']}, {result['num_workers']} worker(s))")
+        result.update(time_loader(index, config, batch_size, batches=batches, warmup=warmup))
+        if stall:
+            if stall_steps + 1 > available:
+                raise UserError(f"--stall-steps {stall_steps} needs {stall_steps + 1} batches; "
+                                f"the train split has {available}")
+            result.update(input_stall(index, config, steps=stall_steps, log=log))
+    result["load_average_end"] = _load()
+    return result
+
+
+def input_stall(index, config, *, steps: int, log=print) -> dict[str, Any]:
+    """The training loop's input stall: ``config.model`` trained on the pipeline's batches.
+
+    The loop is ``train.py``'s: take a batch, put it on the devices, dispatch the step, then
+    wait for the previous step's loss (its finiteness check), so the next batch is built while
+    the step runs. ``input_wait_fraction`` is the share of the loop's wall time spent getting
+    and placing batches; ``input_stall_fraction`` = 1 - (step time with one fixed batch) /
+    (step time with the pipeline), the share of step time the input costs the loop.
+    """
+    from murajax.data import device_augment, pipeline
+
+    strategy = create_strategy(config.parallelism)
+    batch_size = config.batch_size
+    model = train_state.model_from_config(config, bn_axis_name=strategy.bn_axis_name)
+    tx = optim.create_optimizer(config.optim)
+    state = strategy.init_state(functools.partial(
+        train_state.create_train_state, jax.random.key(0), model, tx,
+        config.data.image_size, _loss_weights(), augment=device_augment.from_config(config)))
+    loader = pipeline.train_loader(index, config.data, global_batch_size=batch_size, seed=0,
+                                   epoch=0)
+    fixed = strategy.shard_batch(next(loader))  # the compile, and the fixed batch
+    log(f"compiling the {config.model.name} train step")
+    state, metrics = strategy.train_step(state, fixed)
+    jax.block_until_ready(metrics)
+
+    def loop(get_batch, n):
+        nonlocal state
+        previous, waited = None, 0.0
+        start = time.perf_counter()
+        for _ in range(n):
+            got = time.perf_counter()
+            batch = get_batch()
+            waited += time.perf_counter() - got
+            state, metrics = strategy.train_step(state, batch)
+            if previous is not None:
+                float(strategy.one_copy(previous).loss.compute())
+            previous = metrics
+        float(strategy.one_copy(previous).loss.compute())
+        return (time.perf_counter() - start) / n, waited / n
+
+    try:
+        log(f"timing {steps} steps with a fixed batch, {steps} fed by the pipeline")
+        fixed_before_s, _ = loop(lambda: fixed, steps)
+        fed_s, wait_s = loop(lambda: strategy.shard_batch(next(loader)), steps)
+        fixed_after_s, _ = loop(lambda: fixed, steps)
+    finally:
+        loader.close()
+    fixed_s = (fixed_before_s + fixed_after_s) / 2  # before and after: the machine's drift
+    return {"stall_model": config.model.name, "stall_steps": steps,
+            "stall_fixed_batch_step_s": fixed_s, "stall_step_s": fed_s,
+            "stall_fixed_batch_step_s_before": fixed_before_s,
+            "stall_fixed_batch_step_s_after": fixed_after_s,
+            "stall_input_wait_s": wait_s, "input_wait_fraction": wait_s / fed_s,
+            "input_stall_fraction": 1.0 - fixed_s / fed_s}
+
+
+def _host_environment() -> dict[str, Any]:
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return {"cpu_count": os.cpu_count(), "cpus_available": len(affinity) if affinity else None,
+            "python": platform.python_version(), "load_average_start": _load()}
+
+
+_PIPELINE_ROWS = [
+    ("pipeline images/s (wall)", "pipeline_images_per_s", "{:.1f}"),
+    ("pipeline images per CPU-second", "pipeline_images_per_cpu_s", "{:.1f}"),
+    ("  CPU s / wall s (process tree)", None, None),
+    ("train step, fixed batch (s)", "stall_fixed_batch_step_s", "{:.4f}"),
+    ("train step, fed by pipeline (s)", "stall_step_s", "{:.4f}"),
+    ("input wait per step (s)", "stall_input_wait_s", "{:.4f}"),
+    ("input wait / step time", "input_wait_fraction", "{:.1%}"),
+    ("input stall (1 - fixed / fed)", "input_stall_fraction", "{:.1%}"),
+]
+
+
+def format_pipeline_table(result: dict[str, Any]) -> str:
+    head = (f"input pipeline: {result['pipeline_source']} ({result['data_root']}), "
+            f"{result['image_size']}px, batch {result['batch_size']}, "
+            f"{result['num_workers']} worker(s), augment on {result['augment_on']}")
+    lines = [head, "-" * len(head)]
+    for label, key, fmt in _PIPELINE_ROWS:
+        if key is None:
+            value = f"{result['pipeline_cpu_s'] / result['pipeline_wall_s']:.2f}"
+        elif result.get(key) is None:
+            continue
+        else:
+            value = fmt.format(result[key])
+        lines.append(f"{label:<34}{value:>12}")
+    lines.append(f"{'load average (start/end)':<34}{result.get('load_average_start') or 0:>6.1f}"
+                 f" / {result.get('load_average_end') or 0:.1f}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------
@@ -467,6 +674,28 @@ def _define_flags(values) -> None:
                         "JAX persistent compilation cache folder (as murajax sets)",
                         flag_values=f)
     flags.DEFINE_string("json", "", "also write the results to this file", flag_values=f)
+    flags.DEFINE_bool("pipeline-only", False,
+                      "measure only the training input pipeline: --data-root (default: "
+                      "synthetic), --cache, --num-workers, --batches after --warmup",
+                      flag_values=f)
+    flags.DEFINE_string("data-root", "", "--pipeline-only: the MURA-v1.1 folder (empty: "
+                        "--studies synthetic studies in a temporary folder)", flag_values=f)
+    flags.DEFINE_string("cache", "", "--pipeline-only: an image cache built from --data-root "
+                        "(config.data.cache)", flag_values=f)
+    flags.DEFINE_string("num-workers", "0", "--pipeline-only: config.data.num_workers "
+                        "(an integer or 'auto')", flag_values=f)
+    flags.DEFINE_integer("prefetch", 2, "--pipeline-only: config.data.prefetch", flag_values=f)
+    flags.DEFINE_integer("batches", 20, "--pipeline-only: timed batches", flag_values=f)
+    flags.DEFINE_enum("augment-on", "", ["", "host", "device"],
+                      "--pipeline-only: config.data.augment_on (empty: the config's default)",
+                      flag_values=f)
+    flags.DEFINE_integer("studies", 150, "--pipeline-only without --data-root: synthetic "
+                         "studies (about 2.4 train images each)", flag_values=f)
+    flags.DEFINE_bool("stall", False, "--pipeline-only: also train --stall-model on the "
+                      "pipeline's batches and report the loop's input stall", flag_values=f)
+    flags.DEFINE_integer("stall-steps", 10, "--stall: timed steps of each kind", flag_values=f)
+    flags.DEFINE_enum("stall-model", "densenet_tiny", list(models.names()),
+                      "--stall: the model trained", flag_values=f)
 
 
 def parse_args(argv=None) -> types.SimpleNamespace:
@@ -486,6 +715,8 @@ def main(argv=None) -> int:
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if args.pipeline_only:
+        return _pipeline_main(args)
     try:
         result = run(
             model=args.model, batch_size=args.batch_size, image_size=args.image_size,
@@ -500,9 +731,32 @@ def main(argv=None) -> int:
         return 2
     print(format_table(result), flush=True)
     if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path: str, result: dict) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+
+def _pipeline_main(args) -> int:
+    workers = args.num_workers.strip()
+    try:
+        result = pipeline_only(
+            data_root=args.data_root, cache=args.cache, image_size=args.image_size,
+            batch_size=args.batch_size, num_workers=int(workers) if workers.isdigit()
+            else workers, prefetch=args.prefetch, batches=args.batches, warmup=args.warmup,
+            augment_on=args.augment_on, studies=args.studies, stall=args.stall,
+            stall_steps=args.stall_steps, model=args.stall_model,
+            log=lambda message: print(message, file=sys.stderr, flush=True))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_pipeline_table(result), flush=True)
+    if args.json:
+        _write_json(args.json, result)
     return 0
 
 

@@ -9,6 +9,12 @@ PyTorch's ``ReduceLROnPlateau`` in 'min' mode with a relative threshold: a drop 
 than ``patience`` consecutive epochs failed to improve on the best loss by ``threshold`` (relative),
 outside the ``cooldown`` epochs that follow a drop. With patience 0 (the paper's recipe) every epoch
 that does not improve divides the rate by 10.
+
+Linear warm-up (``config.optim.warmup_steps``, or ``warmup_epochs`` resolved from the steps per
+epoch; 0, the default: off, and the optimizer is exactly the paper's): the injected Adam chained
+with ``optax.scale_by_schedule``, which multiplies each update by ``min(1, (count + 1) / warmup)``
+on top of the plateau-controlled rate. Its ``count`` is part of the optimizer state, so the
+warm-up position is checkpointed and a resumed run continues it exactly.
 """
 
 from __future__ import annotations
@@ -40,14 +46,56 @@ def trainable_from_config(optim_config: ml_collections.ConfigDict) -> str:
     return trainable
 
 
-def create_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def warmup_steps_from_config(optim_config: ml_collections.ConfigDict,
+                             steps_per_epoch: int | None = None) -> int:
+    """The warm-up length in steps (0: none): ``config.optim.warmup_steps``, or
+    ``warmup_epochs`` times ``steps_per_epoch`` (rounded, at least 1); configs saved before the
+    fields existed have none. A UserError naming the field for a negative value or both set."""
+    steps = optim_config.get("warmup_steps", 0)
+    epochs = optim_config.get("warmup_epochs", 0.0)
+    if steps < 0 or epochs < 0:
+        raise UserError(f"config.optim.warmup_steps and warmup_epochs must be >= 0 (0: no "
+                        f"warm-up), got warmup_steps={steps}, warmup_epochs={epochs}")
+    if steps and epochs:
+        raise UserError(f"config.optim.warmup_steps={steps} and warmup_epochs={epochs} are both "
+                        "set: give the warm-up in one of them, the other 0")
+    if not epochs:
+        return int(steps)
+    if steps_per_epoch is None:
+        raise ValueError("config.optim.warmup_epochs needs the number of steps per epoch")
+    return max(1, round(epochs * steps_per_epoch))
+
+
+def has_warmup(optim_config: ml_collections.ConfigDict) -> bool:
+    """Whether the optimizer state holds a warm-up position (its structure depends on it)."""
+    return warmup_steps_from_config(optim_config, steps_per_epoch=1) > 0
+
+
+def create_optimizer(optim_config: ml_collections.ConfigDict,
+                     steps_per_epoch: int | None = None) -> optax.GradientTransformation:
     """Adam with an injectable learning rate (the plateau rule rewrites it between epochs).
 
     ``config.optim.trainable='head'``: the same Adam on the head's params only, every other
     param's update set to zero (``optax.multi_transform``, inside the same
     ``inject_hyperparams``, so ``opt_state.hyperparams['learning_rate']`` stays where the
     plateau rule reads and writes it). 'all' (the default) is exactly the optimizer, state
-    structure and numbers of before the field existed."""
+    structure and numbers of before the field existed.
+
+    With a warm-up (``warmup_steps_from_config``; ``steps_per_epoch`` resolves
+    ``warmup_epochs``) that optimizer is chained with a linear ``scale_by_schedule``."""
+    adam = _injected_adam(optim_config)
+    warmup = warmup_steps_from_config(optim_config, steps_per_epoch)
+    if not warmup:
+        return adam
+    return optax.chain(adam, optax.scale_by_schedule(functools.partial(
+        _warmup_factor, warmup=warmup)))
+
+
+def _warmup_factor(count, warmup: int):
+    return jnp.minimum(1.0, (count + 1).astype(jnp.float32) / warmup)
+
+
+def _injected_adam(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     if trainable_from_config(optim_config) == "all":
         return optax.inject_hyperparams(optax.adam)(
             learning_rate=optim_config.learning_rate,
@@ -105,16 +153,37 @@ def _head_only_apply(apply_fn):
     return apply
 
 
+def _injected_state(opt_state):
+    """The ``inject_hyperparams`` state: ``opt_state`` itself, or the first of the warm-up
+    chain's states."""
+    return opt_state if hasattr(opt_state, "hyperparams") else opt_state[0]
+
+
 def learning_rate(opt_state) -> jnp.ndarray:
-    """The rate the next update will use."""
-    return opt_state.hyperparams["learning_rate"]
+    """The plateau-controlled rate (the one the plateau rule reads and writes); the next
+    update applies it times the warm-up factor (``applied_learning_rate``)."""
+    return _injected_state(opt_state).hyperparams["learning_rate"]
+
+
+def applied_learning_rate(opt_state, optim_config: ml_collections.ConfigDict,
+                          steps_per_epoch: int | None = None) -> jnp.ndarray:
+    """The rate the next update will apply: ``learning_rate`` times the warm-up factor."""
+    rate = learning_rate(opt_state)
+    warmup = warmup_steps_from_config(optim_config, steps_per_epoch)
+    if not warmup or hasattr(opt_state, "hyperparams"):
+        return rate
+    return rate * _warmup_factor(opt_state[1].count, warmup)
 
 
 def with_learning_rate(opt_state, rate):
-    """A copy of ``opt_state`` whose next updates use ``rate``."""
-    hyperparams = dict(opt_state.hyperparams)
+    """A copy of ``opt_state`` whose next updates use ``rate`` (times any warm-up factor)."""
+    injected = _injected_state(opt_state)
+    hyperparams = dict(injected.hyperparams)
     hyperparams["learning_rate"] = jnp.asarray(rate, dtype=hyperparams["learning_rate"].dtype)
-    return opt_state._replace(hyperparams=hyperparams)
+    injected = injected._replace(hyperparams=hyperparams)
+    if hasattr(opt_state, "hyperparams"):
+        return injected
+    return (injected, *opt_state[1:])
 
 
 @flax.struct.dataclass

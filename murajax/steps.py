@@ -22,7 +22,9 @@ import jax.numpy as jnp
 from clu import metrics
 
 from murajax import optim
+from murajax.data import device_augment
 from murajax.recipes import reweight as reweighting
+from murajax.recipes import teacher as teaching
 from murajax.train_state import TrainState, update_ema
 
 
@@ -66,8 +68,22 @@ def compute_gradients(state: TrainState, batch: dict, axis_name=None):
     Returns ``(grads, outputs, batch_stats)``: the gradients (summed over devices under
     ``pmap``), the per-example outputs and the BatchNorm statistics updated by this batch.
     With a running loss in the state (``config.reweight``), each example's loss is weighted by
-    ``recipes.reweight.example_weights`` of the running loss before this step's update.
+    ``recipes.reweight.example_weights`` of the running loss before this step's update. With a
+    mean teacher (``config.teacher``), the batch first takes the teacher's merged targets
+    (``recipes.teacher.taught_batch``), and ``outputs['label']`` holds the labels trained on.
     """
+    # uint8 images (config.data.augment_on='device'): flipped, rotated and normalised here,
+    # keyed by stream 2 of the step's key (1 is recipe.prepare's), the step and the index.
+    augment_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 2)
+    raw = batch
+    batch = device_augment.train_batch(batch, augment_key, state.step, state.augment)
+    teacher_prob = None
+    if state.teacher is not None:  # static: decided by the state's settings at trace time
+        view = None  # host augmentation: the teacher sees the student's images mirrored
+        if state.augment is not None and state.augment.active:  # its own draw, stream 2/1
+            view = device_augment.train_batch(raw, jax.random.fold_in(augment_key, 1),
+                                              state.step, state.augment)["image"]
+        batch, teacher_prob = teaching.taught_batch(state, batch, state.teacher, view)
     mask = supervised_mask(batch)
     weighted = mask
     if state.running_loss is not None:  # static: decided by the state's structure
@@ -89,10 +105,24 @@ def compute_gradients(state: TrainState, batch: dict, axis_name=None):
             rngs={"dropout": dropout_rng},
         )
         outputs = _per_example_outputs(state, logits, batch, state.recipe.train_loss)
-        return jnp.sum(outputs["loss"] * weighted) / count, (outputs, updates["batch_stats"])
+        loss = jnp.sum(outputs["loss"] * weighted) / count
+        if teacher_prob is not None and state.teacher.consistency_weight > 0:
+            loss = loss + _consistency_loss(state, logits, teacher_prob, batch, axis_name)
+        return loss, (outputs, updates["batch_stats"])
 
     grads, (outputs, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    if teacher_prob is not None:
+        outputs = {**outputs, "label": batch["label"]}
     return _psum(grads, axis_name), outputs, batch_stats
+
+
+def _consistency_loss(state, logits, teacher_prob, batch, axis_name):
+    """The mean teacher's consistency term: its weight times the mean over the global batch's
+    real examples (labelled or not) of the squared student-teacher probability gap."""
+    real = batch["mask"].astype(jnp.float32)
+    gap = teaching.consistency(logits[:, 0], teacher_prob)
+    count = jnp.maximum(_psum(jnp.sum(real), axis_name), 1.0)
+    return teaching.consistency_scale(state, state.teacher) * jnp.sum(gap * real) / count
 
 
 def _updated_running_loss(state: TrainState, index, loss, mask, axis_name):
@@ -112,7 +142,8 @@ def train_step(
     holds the same array)."""
     grads, outputs, batch_stats = compute_gradients(state, batch, axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    mask = supervised_mask(batch)
+    # The examples trained on (with a mean teacher: its merged labels).
+    mask = supervised_mask({**batch, "label": outputs.get("label", batch["label"])})
     if new_state.running_loss is not None:  # static, as the EMA's
         new_state = new_state.replace(running_loss=_updated_running_loss(
             new_state, batch["index"], outputs["loss"], mask, axis_name))
@@ -127,6 +158,7 @@ def eval_step(
 ) -> tuple[StepMetrics, jax.Array]:
     """The recipe's validation loss and accuracy over unmasked examples, and each example's
     probability of abnormal."""
+    batch = device_augment.eval_batch(batch)  # uint8 images: normalised here
     logits = state.apply_fn(state.variables, batch["image"], train=False)
     outputs = _per_example_outputs(state, logits, batch, state.recipe.eval_loss)
     return (_collect(StepMetrics, outputs, supervised_mask(batch), axis_name),

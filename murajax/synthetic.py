@@ -43,11 +43,10 @@ a flipped study in plan order; ``study`` is the folder as the MURA CSVs spell it
 
 Missing labels. ``unlabeled_fraction`` Q marks round(Q * T) of the T train studies as
 unlabeled and lists them in ``MURA-v1.1/unlabeled_train_studies.csv`` (header
-``study,true_label``). The reader cannot yet read a study without a label, and dropping them
-from ``train_labeled_studies.csv`` would make their image rows errors, so for now they stay in
-the MURA CSVs with their true label (and are never flipped): a training run treats them as
-labelled until the reader learns to mask the studies this file lists (a later item:
-``config.data.unlabeled``). Unlabeled and flipped studies are drawn from their own random
+``study,true_label``). In ``train_labeled_studies.csv`` their label is empty (murajax reads
+them with label -1: out of the supervised loss, seen by BatchNorm and by a mean teacher,
+``config.teacher``); their images and folders are those of the clean set, and they are never
+flipped. Unlabeled and flipped studies are drawn from their own random
 streams (``[seed, 3]`` and ``[seed, 2]``, apart from the plan's and the images'), so turning
 either on changes no image and no valid file; the unlabeled studies do not depend on P. The
 two files are written only when their option is non-zero (the defaults write exactly the
@@ -661,7 +660,7 @@ def _write_csvs(mura: pathlib.Path, plan: list[_Study]) -> None:
     for study in plan:
         image_rows, study_rows = rows[study.split]
         image_rows += [f"{study.csv_path}image{v + 1}.png" for v in range(study.num_views)]
-        study_rows.append(f"{study.csv_path},{study.given_label}")
+        study_rows.append(f"{study.csv_path},{'' if study.unlabeled else study.given_label}")
     for split, (image_rows, study_rows) in rows.items():
         (mura / f"{split}_image_paths.csv").write_text("".join(r + "\n" for r in image_rows))
         (mura / f"{split}_labeled_studies.csv").write_text(

@@ -9,6 +9,11 @@ Resuming is automatic: if ``<workdir>/checkpoints`` holds a checkpoint, the run 
 the newest readable one, mid-epoch included, and ends with the same params, bit for bit, as a run
 that was never interrupted. SIGTERM or SIGINT make the loop save at the next step boundary, wait
 for the save to land, and return.
+
+The loop never waits for a step to finish between log lines: the train metrics window is summed
+on the device and read on the host only at log steps, before every save and at the epoch end;
+a NaN or infinite loss at any step makes that sum non-finite, so a diverged state is still never
+saved (``NonFiniteLossError`` names the steps read, the last checkpoint and the fix).
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from jax.experimental import multihost_utils
 
 from murajax import (checkpoints, models, optim, parallel, recipes, steps, tasks,
                      train_state, workdir_lock, writers)
-from murajax.data import mura, pipeline
+from murajax.data import device_augment, mura, pipeline
 from murajax.errors import UserError
-from murajax.recipes import reweight
+from murajax.recipes import reweight, teacher
 
 MIN_IMAGE_SIZE = 32  # smaller inputs pool to nothing: the network outputs NaN
 
@@ -81,16 +86,28 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path, task) -> Data
     return splits
 
 
-def _finite_loss(metrics, step: int, epoch: int, last_saved: int | None) -> float:
-    loss = float(metrics.loss.compute())
+def _finite_loss(window, first_step: int, step: int, epoch: int,
+                 last_saved: int | None) -> float:
+    """The mean train loss of ``window``, the metrics of steps ``first_step``..``step``
+    accumulated on the device; a NonFiniteLossError if it is NaN or infinite (a sum is once any
+    of its terms is), i.e. if any of those steps' loss was. The loop reads it only at log
+    steps, saves and epoch ends, so that steps stay queued ahead in between."""
+    loss = float(window.loss.compute())
     if not np.isfinite(loss):
         saved = f"step {last_saved}" if last_saved is not None else "none yet"
+        steps_read = f"step {step}" if first_step >= step else f"steps {first_step}..{step}"
         raise NonFiniteLossError(
-            f"the training loss became {loss} at step {step} (epoch {epoch}); this state was not "
-            f"saved (last checkpoint: {saved}). Lower --config.optim.learning_rate, or check the "
-            "input data, then restart (the run resumes from the last checkpoint)."
+            f"the training loss became {loss} in {steps_read} (epoch {epoch}); this state was "
+            f"not saved (last checkpoint: {saved}). Lower --config.optim.learning_rate, or check "
+            "the input data, then restart (the run resumes from the last checkpoint)."
         )
     return loss
+
+
+@jax.jit
+def _merge(window, metrics):
+    """One dispatch per step for the window's running sums, not one per field."""
+    return window.merge(metrics)
 
 
 def evaluate_split(strategy, state, index: mura.MuraIndex, config, task) -> dict:
@@ -275,6 +292,8 @@ def _restore_or_start(config, workdir: Path, strategy, checkpointer, model, tx, 
         config.data.image_size, loss_weights, recipes.from_config(config),
         ema_decay=train_state.ema_decay_from_config(config),
         reweight=reweight.from_config(config, steps_per_epoch), num_images=num_images,
+        teacher=teacher.from_config(config, steps_per_epoch),
+        augment=device_augment.from_config(config),
     ))
     if optim.trainable_from_config(config.optim) == "head":  # the backbone frozen, eval mode
         state = state.replace(apply_fn=optim.head_only_apply(state.apply_fn))
@@ -317,6 +336,8 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
     _check_same_trainable(workdir, config)
     train_state.ema_decay_from_config(config)  # a bad config.ema.decay fails before any work
     reweight.from_config(config)  # so does a bad config.reweight field
+    teacher.from_config(config)  # and a bad config.teacher field
+    device_augment.from_config(config)  # and a bad config.data.augment_on
     if config.data.image_size < MIN_IMAGE_SIZE:  # source images of any size are resized to it
         raise UserError(
             f"config.data.image_size={config.data.image_size} is too small: DenseNet halves the "
@@ -330,9 +351,9 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
 
     loss_weights = task.loss_weights(data.train)
     model = train_state.model_from_config(config, bn_axis_name=strategy.bn_axis_name)
-    tx = optim.create_optimizer(config.optim)
     checkpointer = checkpoints.Checkpointer(workdir, keep_best=config.keep_best)
     steps_per_epoch = pipeline.train_steps_per_epoch(len(data.train.images), config.batch_size)
+    tx = optim.create_optimizer(config.optim, steps_per_epoch)
     state, loader_state, progress = _restore_or_start(
         config, workdir, strategy, checkpointer, model, tx, loss_weights,
         num_images=len(data.train.images), steps_per_epoch=steps_per_epoch)
@@ -368,8 +389,9 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
 
 
 def _check_same_trainable(workdir: Path, config) -> None:
-    """``config.optim.trainable`` checked, and refused when it differs from that of the run
-    whose checkpoints ``workdir`` holds (its optimizer state would not fit them)."""
+    """``config.optim.trainable`` checked, and refused when it (or whether there is a warm-up)
+    differs from that of the run whose checkpoints ``workdir`` holds (its optimizer state would
+    not fit them)."""
     trainable = optim.trainable_from_config(config.optim)
     if not (workdir / checkpoints.CONFIG_FILE).is_file() or not any(
             (workdir / checkpoints.CHECKPOINT_DIR).glob("[0-9]*")):
@@ -380,6 +402,14 @@ def _check_same_trainable(workdir: Path, config) -> None:
                         f"config.optim.trainable={before!r}, but this run has {trainable!r}: "
                         "use another --workdir (with --config.init_from="
                         f"{workdir} to start from that run's weights)")
+    saved = checkpoints.load_run_config(workdir).optim
+    if optim.has_warmup(saved) != optim.has_warmup(config.optim):  # another optimizer state
+        fields = ("warmup_steps", "warmup_epochs")
+        raise UserError(f"{workdir} holds checkpoints of a run with " + ", ".join(
+            f"config.optim.{f}={saved.get(f, 0)}" for f in fields) + ", but this run has " +
+            ", ".join(f"{f}={config.optim.get(f, 0)}" for f in fields) + ": a warm-up cannot be "
+            "added to or dropped from a run mid-way (its length may change); use another "
+            "--workdir, or keep the warm-up on (or off) as it was")
 
 
 def _summary_of(record: dict) -> dict:
@@ -406,7 +436,7 @@ class _Training:
         self.progress_line = writers.Progress(steps_per_epoch * config.num_epochs, self.step,
                                               config.batch_size)
         self.stopping = False  # a stop was requested (signal, preemption, stop_after_steps)
-        self._unchecked = None  # the last step's metrics: checked while the next step runs
+        self._checked = self.step  # the loss of every step up to this one was read finite
 
     def train_epoch(self, epoch: int, index, loader_state: dict, progress: RunProgress,
                     stop: "_StopRequest") -> bool:
@@ -425,10 +455,8 @@ class _Training:
                                                            self.strategy.shard_batch(batch))
             # One logical copy (pmap returns one per device), as a restored window is.
             metrics = self.strategy.one_copy(metrics)
-            self._check_finite(epoch)
             self.step += 1
-            self._unchecked = metrics
-            window = metrics if window is None else window.merge(metrics)
+            window = metrics if window is None else _merge(window, metrics)
             end_of_epoch = self.step % self.steps_per_epoch == 0
             if self.step % config.log_every_steps == 0 or end_of_epoch:
                 self._log_train(window, epoch)
@@ -439,11 +467,12 @@ class _Training:
             if end_of_epoch:
                 return True  # the epoch-end checkpoint follows validation
             if self.stopping or self.step % config.checkpoint_every_steps == 0:
-                self._check_finite(epoch)
+                self._check_finite(window, epoch)  # a diverged state is never saved
                 self._save(loader.get_state(), dataclasses.replace(
                     progress, val_loss=None, window=_window_to_json(window)))
             if self.stopping:
                 return False
+        self._check_finite(window, epoch)  # a loader that ended early: before validation
         return True
 
     def end_epoch(self, epoch: int, index, progress: RunProgress) -> RunProgress:
@@ -451,7 +480,6 @@ class _Training:
         rule, logs and saves; the progress after ``epoch``. The plateau rule and the best
         checkpoints read the raw weights' validation loss, the EMA's with
         ``config.eval.use_ema``."""
-        self._check_finite(epoch)
         val = evaluate_split(self.strategy, self.state, index, self.config, self.task)
         ema_val, ema_logged = None, {}
         if self.state.ema is not None:
@@ -488,9 +516,14 @@ class _Training:
         self.progress_line.restart(self.step)
         return progress
 
-    def _check_finite(self, epoch: int) -> None:
-        if self._unchecked is not None:
-            _finite_loss(self._unchecked, self.step, epoch, self.last_saved)
+    def _check_finite(self, window, epoch: int) -> float | None:
+        """``window`` (the metrics since the last check) read on the host: its mean loss, or a
+        NonFiniteLossError naming the steps, the last checkpoint and the fix."""
+        if window is None:
+            return None
+        loss = _finite_loss(window, self._checked + 1, self.step, epoch, self.last_saved)
+        self._checked = self.step
+        return loss
 
     def _save(self, loader_state: dict, progress: RunProgress, val_loss=None) -> None:
         self.checkpointer.save(self.step, self.strategy.one_copy(self.state), loader_state,
@@ -498,8 +531,9 @@ class _Training:
         self.last_saved = self.step
 
     def _log_train(self, window, epoch: int) -> None:
-        loss = _finite_loss(window, self.step, epoch, self.last_saved)
-        rate = float(optim.learning_rate(self.strategy.one_copy(self.state).opt_state))
+        loss = self._check_finite(window, epoch)
+        rate = float(optim.applied_learning_rate(self.strategy.one_copy(self.state).opt_state,
+                                                 self.config.optim, self.steps_per_epoch))
         images_per_second = self.progress_line.images_per_second(self.step)
         self.progress_line.report(self.step, epoch, loss, rate, images_per_second)
         self.writer.write(self.step, "train", epoch=epoch, loss=loss, learning_rate=rate,

@@ -6,7 +6,8 @@ tracker and the per-study-type loss weights; with ``config.ema.decay`` > 0, an e
 average of params and BatchNorm statistics (``ema``; None, and so no leaf at all, when off); with
 ``config.reweight.mode`` other than 'none', each train image's running loss (``running_loss``;
 None when off); and, as static fields, the model's apply function, the training recipe, the EMA
-decay and the re-weighting settings. It is the unit that is sharded, donated and checkpointed.
+decay, the re-weighting and the device augmentation settings. It is the unit that is sharded,
+donated and checkpointed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import flax.struct
 from flax.training import train_state
 
 from murajax import models, optim, recipes, tasks
+from murajax.data import device_augment
 from murajax.recipes import reweight as reweighting
+from murajax.recipes import teacher as teaching
 from murajax.errors import UserError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -48,6 +51,13 @@ class TrainState(train_state.TrainState):
     # config.reweight.mode is 'none', so a default state has exactly its old leaves.
     running_loss: Any = None
     reweight: reweighting.Reweight | None = flax.struct.field(pytree_node=False, default=None)
+    # The mean teacher's settings (config.teacher; static): the EMA above is the teacher, so
+    # the teacher adds no leaf. None when off.
+    teacher: teaching.Teacher | None = flax.struct.field(pytree_node=False, default=None)
+    # What the train step draws to flip and rotate uint8 images (config.data.augment_on=
+    # 'device'; static, no leaf). None: the pipeline augmented them (the default).
+    augment: device_augment.DeviceAugment | None = flax.struct.field(pytree_node=False,
+                                                                     default=None)
 
     @property
     def variables(self) -> dict:
@@ -111,6 +121,7 @@ def model_from_config(config: ml_collections.ConfigDict, *, bn_axis_name: str | 
         bn_epsilon=float(model_config.bn_epsilon),
         bn_axis_name=bn_axis_name,
         conv_impl=str(model_config.get("conv_impl", "auto")),
+        block_impl=str(model_config.get("block_impl", "unrolled")),
     )
 
 
@@ -124,13 +135,17 @@ def create_train_state(
     ema_decay: float = 0.0,
     reweight: reweighting.Reweight | None = None,
     num_images: int = 0,
+    teacher: teaching.Teacher | None = None,
+    augment: device_augment.DeviceAugment | None = None,
 ) -> TrainState:
     """Initialises a fresh state. Pure: meant to run under ``jax.jit`` or ``jax.eval_shape``.
 
     With ``ema_decay`` > 0 (``ema_decay_from_config`` checks it) the state keeps an EMA of params
     and BatchNorm statistics, starting from their initial values. With ``reweight``
     (``recipes.reweight.from_config``) it keeps the running loss of ``num_images`` train
-    images, all NaN (not seen yet)."""
+    images, all NaN (not seen yet). ``teacher`` (``recipes.teacher.from_config``, which
+    requires an EMA) makes the EMA a mean teacher of the train step. ``augment``
+    (``data.device_augment.from_config``): the train step flips and rotates uint8 images."""
     init_rng, state_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init(init_rng, dummy, train=False)
@@ -159,4 +174,6 @@ def create_train_state(
         ema_decay=float(ema_decay),
         running_loss=running_loss,
         reweight=reweight,
+        teacher=teacher,
+        augment=augment,
     )

@@ -12,6 +12,7 @@ IMAGE_SIZE = 32
 def tiny_config(**overrides):
     config = smoke.get_config()
     config.data.image_size = IMAGE_SIZE
+    config.data.num_workers = 0  # 'auto' would start Grain workers on a many-core machine
     for dotted, value in overrides.items():
         section = config
         *parents, leaf = dotted.split(".")

@@ -107,3 +107,123 @@ def test_compiler_options_keep_passes_the_user_disabled(monkeypatch):
         "xla_disable_hlo_passes": "algsimp,cse_barrier_expander"}
     monkeypatch.setenv("XLA_FLAGS", "")
     assert parallel.xla_compiler_options() == {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+# ------------------------------------------------------------------------------------------
+# --pipeline-only: the input pipeline alone, the process-tree CPU accounting, the input stall.
+
+
+@pytest.fixture(scope="module")
+def mura_root(tmp_path_factory):
+    from murajax import synthetic
+
+    return synthetic.generate(tmp_path_factory.mktemp("pipeline"), num_studies=16, seed=0)
+
+
+def _pipeline_args(root, out, *extra):
+    return ["--pipeline-only", "--data-root", str(root), "--image-size", "32", "--batch-size",
+            "8", "--batches", "2", "--warmup", "1", "--json", str(out), *extra]
+
+
+def test_pipeline_only_reports_throughput_per_wall_and_cpu_second(mura_root, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "pipeline.json"
+    assert bench.main(_pipeline_args(mura_root, out)) == 0
+    r = json.loads(out.read_text())
+    for key in ("pipeline_images_per_s", "pipeline_images_per_cpu_s", "pipeline_wall_s",
+                "pipeline_cpu_s"):
+        assert _positive(r[key]), (key, r[key])
+    assert r["pipeline_source"] == "png" and r["num_workers"] == 0 and r["batch_size"] == 8
+    assert r["pipeline_batches"] == 2 and r["pipeline_image_dtype"] == "float32"
+    assert r["pipeline_images_per_s"] == pytest.approx(16 / r["pipeline_wall_s"])
+    assert r["pipeline_images_per_cpu_s"] == pytest.approx(16 / r["pipeline_cpu_s"])
+    assert "train_images_per_s" not in r  # no step compiled
+    assert "images per CPU-second" in capsys.readouterr().out
+
+
+def test_pipeline_only_input_stall(mura_root, tmp_path):
+    out = tmp_path / "stall.json"
+    assert bench.main(_pipeline_args(mura_root, out, "--stall", "--stall-steps", "2")) == 0
+    r = json.loads(out.read_text())
+    assert r["stall_model"] == "densenet_tiny" and r["stall_steps"] == 2
+    for key in ("stall_fixed_batch_step_s", "stall_step_s", "stall_input_wait_s"):
+        assert _positive(r[key]), (key, r[key])
+    assert r["input_wait_fraction"] == pytest.approx(r["stall_input_wait_s"] / r["stall_step_s"])
+    assert 0 < r["input_wait_fraction"] < 1
+    assert r["input_stall_fraction"] == pytest.approx(
+        1 - r["stall_fixed_batch_step_s"] / r["stall_step_s"])
+
+
+def test_pipeline_only_refuses_impossible_requests(mura_root, tmp_path, capsys):
+    out = tmp_path / "x.json"
+    assert bench.main(["--pipeline-only", "--cache", str(tmp_path)]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    assert bench.main(_pipeline_args(mura_root, out, "--batches", "1000")) == 2
+    assert "--batches" in capsys.readouterr().err and not out.exists()
+    if jax.device_count() > 1:  # the step shards the batch: refused before any timing
+        assert bench.main(_pipeline_args(mura_root, out, "--stall", "--batch-size",
+                                         str(jax.device_count() + 1))) == 2
+        assert "--batch-size" in capsys.readouterr().err and not out.exists()
+
+
+def test_tree_cpu_time_counts_a_child_process_once_alive_and_once_reaped():
+    import subprocess
+    import sys
+
+    from murajax import cpu_time
+
+    burn = 0.4  # CPU seconds the child spends; the clock ticks are 10 ms
+    child_code = ("import sys, time\nwhile time.process_time() < %r: pass\n"
+                  "print('done', flush=True)\nsys.stdin.read()\n" % burn)
+    before = cpu_time.tree_seconds()
+    child = subprocess.Popen([sys.executable, "-c", child_code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "done"
+    alive = cpu_time.tree_seconds() - before  # the child still runs
+    child.stdin.close()
+    child.wait()
+    reaped = cpu_time.tree_seconds() - before  # now in this process's children entry
+    child.stdout.close()
+    assert alive >= burn - 0.02, alive
+    assert reaped >= burn - 0.02 and abs(reaped - alive) < 0.2, (alive, reaped)
+
+
+def _torch_pipeline():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_pipeline.py"
+    spec = importlib.util.spec_from_file_location("torch_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_torch_side_reads_the_images_murajax_trains_on(mura_root):
+    from murajax.data import mura
+
+    index = mura.read_split(mura_root, "train")
+    listed = _torch_pipeline().train_images(mura_root)
+    assert [path for path, _ in listed] == [str(r.path) for r in index.images]
+    assert [label for _, label in listed] == [r.label for r in index.images]
+
+
+def test_side_by_side_ratios_are_per_round_medians():
+    tp = _torch_pipeline()
+
+    def figures(cpu):
+        return {"pipeline_images_per_cpu_s": cpu, "pipeline_images_per_s": cpu / 2}
+
+    rounds = [{"murajax PNG": figures(300.0), "murajax cache, augment on device": figures(6e3),
+               "torchvision": figures(200.0)},
+              {"murajax PNG": figures(200.0), "murajax cache, augment on device": figures(5e3),
+               "torchvision": figures(100.0)},
+              {"murajax PNG": figures(240.0), "murajax cache, augment on device": figures(7e3),
+               "torchvision": figures(160.0)}]
+    summary = tp.summarise(rounds)
+    assert summary["kinds"]["murajax PNG"]["pipeline_images_per_cpu_s"] == 240.0
+    png_torch = summary["ratios"]["murajax PNG / torchvision"]
+    assert png_torch == {"median": 1.5, "min": 1.5, "max": 2.0}
+    cache_png = summary["ratios"]["murajax cache, augment on device / murajax PNG"]
+    assert cache_png["median"] == pytest.approx(25.0) and cache_png["max"] == pytest.approx(
+        7e3 / 240)

@@ -1,5 +1,6 @@
 """The plateau rule: when the learning rate drops, and by how much."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,3 +62,80 @@ def test_rate_in_optimizer_state_is_what_adam_applies():
     np.testing.assert_allclose(np.asarray(updates["w"]), -1e-2, rtol=1e-5)
     assert float(optim.learning_rate(state)) == pytest.approx(1e-2)
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
+
+
+def _adam_steps(tx, state, params, n):
+    """``n`` updates with a constant gradient; the first coordinate of each update (of the
+    head's, where there is a head)."""
+    moves = []
+    for _ in range(n):
+        updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+        moves.append(float(jax.tree.leaves(updates.get("head", updates))[0].ravel()[0]))
+    return np.array(moves), state
+
+
+def test_no_warm_up_is_the_papers_optimizer_state():
+    import optax
+
+    config = default.get_config().optim
+    assert config.warmup_steps == 0 and config.warmup_epochs == 0
+    params = {"w": jnp.ones(3)}
+    paper = optax.inject_hyperparams(optax.adam)(learning_rate=1e-4)
+    assert jax.tree.structure(optim.create_optimizer(config).init(params)) == \
+        jax.tree.structure(paper.init(params))
+    assert not optim.has_warmup(config)
+
+
+@pytest.mark.parametrize("trainable", ["all", "head"])
+def test_warm_up_scales_the_plateau_rate_linearly_then_stops(trainable):
+    config = default.get_config().optim
+    config.warmup_steps, config.trainable = 4, trainable
+    params = {"head": {"w": jnp.ones(2)}, "body": {"w": jnp.ones(2)}}
+    tx = optim.create_optimizer(config)
+    state = optim.with_learning_rate(tx.init(params), 1e-2)
+    assert float(optim.learning_rate(state)) == pytest.approx(1e-2)
+    assert float(optim.applied_learning_rate(state, config)) == pytest.approx(1e-2 / 4)
+    moves, state = _adam_steps(tx, state, params, 6)
+    config.warmup_steps = 0
+    plain_tx = optim.create_optimizer(config)
+    plain, plain_state = _adam_steps(
+        plain_tx, optim.with_learning_rate(plain_tx.init(params), 1e-2), params, 6)
+    # The same Adam updates, each times the warm-up factor (one float32 product's rounding).
+    rtol = np.finfo(np.float32).eps
+    np.testing.assert_allclose(moves, plain * np.array([1, 2, 3, 4, 4, 4]) / 4, rtol=rtol)
+    assert np.all(plain < 0)
+    assert float(optim.learning_rate(state)) == pytest.approx(1e-2)  # the plateau's, unscaled
+    # The plateau rule still reads and writes the rate, and the warm-up position is kept.
+    lowered = optim.with_learning_rate(state, 1e-3)
+    assert int(lowered[1].count) == 6
+    more, _ = _adam_steps(tx, lowered, params, 1)
+    plain_more, _ = _adam_steps(plain_tx, optim.with_learning_rate(plain_state, 1e-3), params,
+                                1)
+    np.testing.assert_allclose(more, plain_more, rtol=rtol)
+
+
+def test_warm_up_position_is_in_the_state_so_a_restored_copy_continues_exactly():
+    config = default.get_config().optim
+    config.warmup_steps = 5
+    params = {"w": jnp.linspace(-1.0, 1.0, 4)}
+    tx = optim.create_optimizer(config)
+    straight, _ = _adam_steps(tx, tx.init(params), params, 6)
+    first, state = _adam_steps(tx, tx.init(params), params, 2)
+    restored = jax.tree.map(np.asarray, jax.device_get(state))  # what a checkpoint holds
+    rest, _ = _adam_steps(tx, restored, params, 4)
+    np.testing.assert_array_equal(np.concatenate([first, rest]), straight)
+
+
+def test_warm_up_in_epochs_resolves_from_the_steps_per_epoch_and_bad_values_are_refused():
+    from murajax.errors import UserError
+
+    config = default.get_config().optim
+    config.warmup_epochs = 1.5
+    assert optim.warmup_steps_from_config(config, steps_per_epoch=10) == 15
+    assert optim.warmup_steps_from_config(config, steps_per_epoch=0) == 1
+    config.warmup_steps = 3
+    with pytest.raises(UserError, match="warmup_steps=3 and warmup_epochs=1.5 are both set"):
+        optim.create_optimizer(config, steps_per_epoch=10)
+    config.warmup_steps, config.warmup_epochs = -1, 0.0
+    with pytest.raises(UserError, match="config.optim.warmup_steps and warmup_epochs must be"):
+        optim.create_optimizer(config)

@@ -233,11 +233,12 @@ def test_asymmetric_noise_only_abnormal_to_normal_and_unlabeled_list(clean40, as
     assert all(r[1:] == ["1", "0"] for r in rows)
     assert all(r[0].startswith("MURA-v1.1/train/") for r in rows + unlabeled)
     assert not {r[0] for r in rows} & {r[0] for r in unlabeled}  # an unlabeled study never flips
-    # Unlabeled studies stay labelled (true label) in the MURA files for now.
+    # Unlabeled studies have an empty label in the MURA files (read as -1); the list keeps
+    # their true label.
     truth, read = _true_labels(), _train_labels(asymmetric40)
     for path, true_label in unlabeled:
         study = _study_id(path)
-        assert read[study] == int(true_label) == truth[_plan_key(study)]
+        assert read[study] == -1 and int(true_label) == truth[_plan_key(study)]
 
 
 def test_corrupt_labels_counts_streams_and_modes():

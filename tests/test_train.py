@@ -164,3 +164,28 @@ def test_accelerator_config_trains_in_bfloat16_with_remat(mura_root, tmp_path):
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
     assert np.isfinite(summary["history"][-1]["val_loss"])
     assert summary["history"][-1]["step"] > 0
+
+
+def test_warm_up_resumes_bit_identical_and_cannot_be_switched_on_mid_run(mura_root, uninterrupted,
+                                                                         tmp_path):
+    """config.optim.warmup_steps: the warm-up position is checkpointed (stopped at step 3 of a
+    6-step warm-up, the resumed run ends bit-identical); the train records log the warmed-up
+    rate; a run saved without a warm-up is refused one."""
+    def config(**extra):
+        return _config(mura_root, **{"optim.warmup_steps": 6, "num_epochs": 1, **extra})
+
+    straight = train.train_and_evaluate(config(), tmp_path / "straight")
+    first = train.train_and_evaluate(config(stop_after_steps=3), tmp_path / "resumed")
+    assert first["preempted"] and first["step"] == 3
+    resumed = train.train_and_evaluate(config(), tmp_path / "resumed")
+    helpers.assert_same_tree(helpers.final_variables(tmp_path / "resumed"),
+                             helpers.final_variables(tmp_path / "straight"))
+    assert resumed["val_loss"] == straight["val_loss"]
+    records = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text()
+               .splitlines()]
+    rate = config().optim.learning_rate
+    for r in (r for r in records if r["split"] == "train"):  # the next update's rate
+        assert r["learning_rate"] == pytest.approx(rate * min(1, (r["step"] + 1) / 6),
+                                                   rel=2 * float(np.finfo(np.float32).eps))
+    with pytest.raises(UserError, match="a warm-up cannot be added to or dropped from a run"):
+        train.train_and_evaluate(config(), uninterrupted[0])

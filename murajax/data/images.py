@@ -27,6 +27,7 @@ IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], dtype=np.float32)
 # x_uint8 * _SCALE + _OFFSET == (x / 255 - mean) / std
 _SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
 _OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+NORMALISE_SCALE, NORMALISE_OFFSET = _SCALE, _OFFSET  # also the device's (data.device_augment)
 
 RESIZE_MODES = ("stretch", "pad")
 

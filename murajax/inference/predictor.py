@@ -132,6 +132,8 @@ class Predictor:
         self.resize = str(resize)
         self.threshold = float(threshold)
         self.batch_size = int(batch_size)
+        if num_workers == "auto":  # config.data.num_workers's default: threads, not processes
+            num_workers = None
         self.num_workers = max(1, num_workers if num_workers else min(4, os.cpu_count() or 1))
         self.steps: list[int] | None = None
         self.use_ema = False  # from_workdir: whether the members are the checkpoints' EMAs
@@ -179,7 +181,12 @@ class Predictor:
 
     def predict_logits(self, images: np.ndarray, *, cam: bool = False):
         """Preprocessed ``[N, S, S, 3]`` images -> per-member logits ``[M, N]`` (and per-member
-        logit maps ``[M, N, h, w]`` with ``cam``), in fixed-size padded batches."""
+        logit maps ``[M, N, h, w]`` with ``cam``), in fixed-size padded batches. uint8 images
+        (an eval batch of a run with ``config.data.augment_on='device'``) are normalised first."""
+        if np.asarray(images).dtype == np.uint8:
+            from murajax.data import device_augment
+
+            images = device_augment.normalise(images)
         images = np.asarray(images, np.float32)
         n = images.shape[0]
         logits, cams = [], []

@@ -21,6 +21,11 @@ same convolutions with matmul gradients, faster on CPU), ``norm`` is BatchNorm f
 with ``nn.BatchNorm``'s arguments (``murajax.ops.BatchNormReLU``). Either choice owns the same
 parameters under the same names, so it changes speed only.
 
+``block_impl='scan'`` computes each dense block with ``murajax.ops.dense_scan`` (layers of
+similar input width as one ``lax.scan``, for a shorter compile) instead of layer by layer; the
+variables are declared under the same names by ``_DenseLayerVariables`` and padded to each
+bucket's width at apply time, so the parameter tree does not depend on the layout.
+
 The variants (``densenet121`` ... ``densenet_tiny``) are the constructors registered in
 ``murajax.models.registry``: they resolve ``conv_impl`` and ``remat`` ('auto' included) once and
 build a ``DenseNet``.
@@ -32,7 +37,9 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from murajax import ops
 from murajax.models import registry
@@ -44,6 +51,7 @@ KERAS_BN_EPSILON = 1.001e-5
 BN_MOMENTUM = 0.9  # running averages: ra = 0.9 ra + 0.1 batch (Keras's 0.99 is slower)
 _KERNEL_INIT = nn.initializers.kaiming_normal()
 _REMAT = ("none", "bottleneck", "layer")
+_BLOCK_IMPLS = ("unrolled", "scan")
 
 
 class Bottleneck(nn.Module):
@@ -99,6 +107,112 @@ class Transition(nn.Module):
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
+class _NormVariables(nn.Module):
+    """The variables of one ``norm`` (``BatchNormReLU``'s names, shapes and initialisers),
+    returned as values; ``update`` (new running mean and variance) is written back."""
+
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, features: int, update=None) -> dict[str, jnp.ndarray]:
+        mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                             (features,))
+        var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
+                            (features,))
+        if update is not None:  # the params are not touched again: flax traces their init
+            mean.value, var.value = update
+            return None
+        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        return {"scale": scale, "bias": bias, "mean": mean.value, "var": var.value}
+
+
+class _KernelVariable(nn.Module):
+    """A bias-free convolution's ``kernel``, as ``nn.Conv`` and ``ops.MatmulConv`` own it."""
+
+    shape: tuple[int, ...]
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self) -> jnp.ndarray:
+        return self.param("kernel", _KERNEL_INIT, self.shape, self.param_dtype)
+
+
+class _BottleneckVariables(nn.Module):
+    in_features: int
+    features: int
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, update=None):
+        norm = _NormVariables(self.param_dtype, name="norm")(self.in_features, update)
+        if update is not None:
+            return None
+        kernel = _KernelVariable((1, 1, self.in_features, self.features), self.param_dtype,
+                                 name="conv")()
+        return norm, kernel
+
+
+class _DenseLayerVariables(nn.Module):
+    """``DenseLayer``'s variables under its names, for ``block_impl='scan'`` (which computes
+    the layers itself): ``{"norm1", "kernel1", "norm2", "kernel2"}``; ``updates`` (the two
+    norms' new running statistics) are written back."""
+
+    in_features: int
+    growth_rate: int
+    bottleneck_features: int
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, updates=None) -> dict[str, Any] | None:
+        bottleneck = _BottleneckVariables(self.in_features, self.bottleneck_features,
+                                          self.param_dtype, name="bottleneck")
+        norm = _NormVariables(self.param_dtype, name="norm")
+        if updates is not None:
+            bottleneck(updates[0])
+            norm(self.bottleneck_features, updates[1])
+            return None
+        norm1, kernel1 = bottleneck()
+        norm2 = norm(self.bottleneck_features)
+        kernel2 = _KernelVariable((3, 3, self.bottleneck_features, self.growth_rate),
+                                  self.param_dtype, name="conv")()
+        return {"norm1": norm1, "kernel1": kernel1, "norm2": norm2, "kernel2": kernel2}
+
+
+def _pad_to(layer: dict[str, Any], width: int) -> dict[str, Any]:
+    """A layer's variables with its first norm and 1x1 kernel padded to ``width`` input
+    channels: zero scale and bias make the padded channels give 0 (``ops.dense_scan``)."""
+    extra = width - layer["kernel1"].shape[2]
+
+    def pad(value, axis, fill=0.0):  # lax, not jnp: tracing 82 layers' worth adds up
+        config = [(0, 0, 0)] * value.ndim
+        config[axis] = (0, extra, 0)
+        return jax.lax.pad(value, np.asarray(fill, value.dtype), config)
+
+    norm1 = {name: pad(value, 0, 1.0 if name == "var" else 0.0)
+             for name, value in layer["norm1"].items()}
+    return {**layer, "norm1": norm1, "kernel1": pad(layer["kernel1"], 2)}
+
+
+def _stack(*leaves):
+    return jax.lax.concatenate([jax.lax.expand_dims(leaf, (0,)) for leaf in leaves], 0)
+
+
+def _apply_norm(norm: ModuleDef, variables, x, train: bool):
+    """(y, (new running mean, var)) of ``norm`` run as a pure function on ``variables``."""
+    module = norm(parent=None)
+    state = {"params": {"scale": variables["scale"], "bias": variables["bias"]},
+             "batch_stats": {"mean": variables["mean"], "var": variables["var"]}}
+    if not train:
+        return module.apply(state, x), ()
+    y, updated = module.apply(state, x, mutable=["batch_stats"])
+    return y, (updated["batch_stats"]["mean"], updated["batch_stats"]["var"])
+
+
+def _apply_conv(conv: ModuleDef, kernel, x):
+    return conv(kernel.shape[-1], parent=None).apply({"params": {"kernel": kernel}}, x)
+
+
 class DenseNet(nn.Module):
     """DenseNet-BC classifier producing ``num_outputs`` logits per NHWC image.
 
@@ -111,6 +225,8 @@ class DenseNet(nn.Module):
     arguments (default ``murajax.ops.BatchNormReLU``), given ``bn_momentum``, ``bn_epsilon`` and
     ``bn_axis_name`` (set under pmap so BatchNorm averages over devices). ``remat``: 'none',
     'bottleneck' or 'layer' (resolved; the variants accept 'auto' and booleans).
+    ``block_impl``: 'unrolled' or 'scan' (``murajax.ops.dense_scan``, layers grouped by input
+    width rounded up to ``scan_bucket`` channels); the same variables and results either way.
     """
 
     block_sizes: Sequence[int] = (6, 12, 32, 32)
@@ -125,6 +241,8 @@ class DenseNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    block_impl: str = "unrolled"
+    scan_bucket: int = 128
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = ops.BatchNormReLU
 
@@ -132,6 +250,10 @@ class DenseNet(nn.Module):
     def __call__(self, images: jnp.ndarray, train: bool = False, return_features: bool = False):
         if images.ndim != 4:
             raise ValueError(f"DenseNet expects NHWC images, got shape {images.shape}")
+        if self.block_impl not in _BLOCK_IMPLS:
+            raise ValueError(f"DenseNet.block_impl must be one of {_BLOCK_IMPLS} (resolved; "
+                             f"build the model with murajax.models.create), got "
+                             f"{self.block_impl!r}")
         if self.remat not in _REMAT:
             raise ValueError(f"DenseNet.remat must be one of {_REMAT} (resolved; build the "
                              f"model with murajax.models.create), got {self.remat!r}")
@@ -161,16 +283,19 @@ class DenseNet(nn.Module):
         num_features = self.initial_features
         for block, num_layers in enumerate(self.block_sizes):
             stage = block + 2  # Keras numbering: conv2 .. conv5, pool2 .. pool4
-            maps = [x]
-            for layer in range(num_layers):
-                maps.append(
-                    dense_layer(
-                        self.growth_rate, self.bottleneck_width, conv1x1, conv3x3, norm,
-                        self.remat == "bottleneck",
-                        name=f"conv{stage}_block{layer + 1}",
-                    )(maps)
-                )
-            x = jnp.concatenate(maps, axis=-1)
+            if self.block_impl == "scan":
+                x = self._scan_block(x, stage, num_layers, conv1x1, conv3x3, norm, train)
+            else:
+                maps = [x]
+                for layer in range(num_layers):
+                    maps.append(
+                        dense_layer(
+                            self.growth_rate, self.bottleneck_width, conv1x1, conv3x3, norm,
+                            self.remat == "bottleneck",
+                            name=f"conv{stage}_block{layer + 1}",
+                        )(maps)
+                    )
+                x = jnp.concatenate(maps, axis=-1)
             num_features += num_layers * self.growth_rate
             if block != len(self.block_sizes) - 1:
                 num_features = int(num_features * self.compression)
@@ -189,14 +314,61 @@ class DenseNet(nn.Module):
             return logits, features
         return logits
 
+    def _scan_block(self, x, stage, num_layers, conv1x1, conv3x3, norm, train):
+        """One dense block as ``ops.dense_scan.dense_block`` (``block_impl='scan'``): the
+        concatenation of ``x`` and the layers' maps, with the same variables as the unrolled
+        block (running statistics written back layer by layer)."""
+        growth, in_features = self.growth_rate, x.shape[-1]
+        bottleneck = self.bottleneck_width * growth
+        layers = [
+            _DenseLayerVariables(in_features + layer * growth, growth, bottleneck,
+                                 self.param_dtype, name=f"conv{stage}_block{layer + 1}")
+            for layer in range(num_layers)
+        ]
+        values = [layer() for layer in layers]
+        layout = ops.dense_scan.buckets(in_features, num_layers, growth, self.scan_bucket)
+        stacked, start = [], 0
+        for bucket in layout:
+            group = [_pad_to(v, bucket.width) for v in values[start:start + len(bucket.offsets)]]
+            stacked.append(jax.tree.map(_stack, *group))
+            start += len(bucket.offsets)
+
+        def part_a(h, p):  # BN -> ReLU -> 1x1 conv over the bucket's width
+            h, stats = _apply_norm(norm, p["norm1"], h, train)
+            return _apply_conv(conv1x1, p["kernel1"], h), stats
+
+        def part_b(h, p):  # BN -> ReLU -> 3x3 conv: the layer's growth_rate new maps
+            h, stats = _apply_norm(norm, p["norm2"], h, train)
+            return _apply_conv(conv3x3, p["kernel2"], h), stats
+
+        buffer, stats = ops.dense_scan.dense_block(
+            x, stacked, layout, growth, part_a, part_b,
+            save_everything=not train or self.remat == "none",
+            recompute_part_a_output=self.remat == "layer",
+        )
+        if train and not self.is_initializing():
+            start = 0
+            for bucket, ((mean1, var1), (mean2, var2)) in zip(layout, stats):
+                for j, offset in enumerate(bucket.offsets):
+                    row = functools.partial(jax.lax.index_in_dim, index=j, keepdims=False)
+                    first = functools.partial(jax.lax.slice_in_dim, start_index=0,
+                                              limit_index=offset)
+                    layers[start + j](((first(row(mean1)), first(row(var1))),
+                                       (row(mean2), row(var2))))
+                start += len(bucket.offsets)
+        return buffer
+
 
 def _variant(name: str, **architecture) -> Callable[..., DenseNet]:
-    def build(*, conv_impl: str = "auto", remat: bool | str = "auto", **overrides) -> DenseNet:
+    def build(*, conv_impl: str = "auto", remat: bool | str = "auto",
+              block_impl: str = "unrolled", **overrides) -> DenseNet:
         """A DenseNet of this variant; ``overrides`` replace any DenseNet field. ``conv_impl``
         ('auto', 'matmul', 'xla') and ``remat`` ('auto', 'none', 'bottleneck', 'layer' or a
-        bool) are resolved for JAX's default backend (``murajax.models.registry``)."""
+        bool) are resolved for JAX's default backend, ``block_impl`` ('unrolled', 'scan')
+        checked (``murajax.models.registry``)."""
         overrides.setdefault("conv", registry.conv_module(conv_impl))
-        return DenseNet(**{**architecture, **overrides}, remat=registry.resolve_remat(remat))
+        return DenseNet(**{**architecture, **overrides}, remat=registry.resolve_remat(remat),
+                        block_impl=registry.resolve_block_impl(block_impl))
 
     build.__name__ = build.__qualname__ = name
     return build

@@ -8,6 +8,8 @@ ReLU, with the same parameter names and shapes, so a checkpoint does not depend 
   convolution's gradients many times slower than the same products written as dots).
 * ``murajax.ops.batchnorm``: training-mode BatchNorm fused with the ReLU that follows it, with
   a hand-written backward pass.
+* ``murajax.ops.dense_scan``: a dense block's layers as a few scans over a preallocated
+  feature buffer, for a shorter compile (``config.model.block_impl='scan'``).
 
 Each is checked against the plain formulation: ``tests/test_ops.py`` (each kernel against
 ``lax.conv`` / ``nn.Conv`` / ``nn.BatchNorm``, values and gradients) and
@@ -15,7 +17,8 @@ Each is checked against the plain formulation: ``tests/test_ops.py`` (each kerne
 """
 
 from murajax.ops.batchnorm import BatchNormReLU, batch_norm_relu_train
+from murajax.ops import dense_scan
 from murajax.ops.conv import MatmulConv, conv3x3_same, conv_patch_grad
 
 __all__ = ["BatchNormReLU", "MatmulConv", "batch_norm_relu_train", "conv3x3_same",
-           "conv_patch_grad"]
+           "conv_patch_grad", "dense_scan"]

@@ -81,6 +81,14 @@ def _check(loss) -> None:
             raise UserError(f"config.loss.{field}={loss[field]!r} must be {allowed}")
 
 
+def _with_soft_targets(recipe: Recipe) -> Recipe:
+    """``recipe`` with a train loss that reads a batch's soft ``target`` and ``loss_weight``
+    (the paper's loss becomes the same loss written for soft targets)."""
+    if recipe.train_loss is weighted_bce.per_example_loss:
+        return dataclasses.replace(recipe, train_loss=soft_targets.SmoothedBCE(smoothing=0.0))
+    return recipe
+
+
 def from_config(config) -> Recipe:
     """The recipe ``config.loss`` describes (a config without a ``loss`` section: the paper's)."""
     loss = config.get("loss")
@@ -92,16 +100,16 @@ def from_config(config) -> Recipe:
                         f"{', '.join(RECIPES)}")
     _check(loss)
     recipe = RECIPES[name](loss)
+    teacher = config.get("teacher")
+    if teacher is not None and bool(teacher.get("enabled", False)):
+        recipe = _with_soft_targets(recipe)  # the teacher's merged targets may be soft
     mixing = config.get("mixup")
     if mixing is not None and (mixing.alpha > 0 or mixing.cutmix_alpha > 0):
         if not 0.0 < mixing.prob <= 1.0:
             raise UserError(f"config.mixup.prob={mixing.prob!r} must be in (0, 1]")
         if mixing.alpha < 0 or mixing.cutmix_alpha < 0:
             raise UserError("config.mixup.alpha and config.mixup.cutmix_alpha must be >= 0")
-        train_loss = recipe.train_loss
-        if train_loss is weighted_bce.per_example_loss:  # the same loss, taking soft targets
-            train_loss = soft_targets.SmoothedBCE(smoothing=0.0)
-        recipe = dataclasses.replace(recipe, train_loss=train_loss, prepare=mixup.Mixup(
+        recipe = dataclasses.replace(_with_soft_targets(recipe), prepare=mixup.Mixup(
             alpha=float(mixing.alpha), cutmix_alpha=float(mixing.cutmix_alpha),
             prob=float(mixing.prob)))
     return recipe

@@ -1,0 +1,259 @@
+"""The image cache (murajax/data/cache.py) and config.data.num_workers='auto': the cached pixels
+are the decoded and resized PNGs; mismatched caches are refused; a build killed with SIGKILL
+and rerun writes the same bytes; training and evaluating from it repeat and resume exactly."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from murajax import synthetic, train
+from murajax.data import cache, images, mura, pipeline
+from murajax.errors import UserError
+from tests import harness, helpers
+
+SIZE = helpers.IMAGE_SIZE
+PER_SHARD = 8  # several shards from the 24-study set
+
+
+@pytest.fixture(scope="module")
+def mura_root(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("data"), num_studies=24, seed=5)
+
+
+@pytest.fixture(scope="module")
+def built(mura_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    manifest = cache.build(mura_root, out, image_size=SIZE, records_per_shard=PER_SHARD)
+    return out, manifest
+
+
+def _config(root, out, **overrides):
+    return helpers.run_config(root, **{"data.cache": str(out), "checkpoint_every_steps": 4,
+                                       "log_every_steps": 2, **overrides})
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cached_pixels_are_the_decoded_and_resized_images(mura_root, built):
+    out, manifest = built
+    assert manifest["num_records"] == sum(manifest["splits"].values()) > 2 * PER_SHARD
+    for split in ("train", "valid"):
+        index = mura.read_split(mura_root, split)
+        pixels = cache.pixels_for_index(index, _config(mura_root, out).data)
+        for pos, record in enumerate(index.images):
+            expected = np.asarray(images.transform(images.decode(record.path), SIZE, "stretch"))
+            np.testing.assert_array_equal(pixels.pixels(pos), expected)
+    # The metadata travels with the pixels.
+    header, _ = cache.decode_record(pixels._source[int(pixels.records[0])])
+    first = index.images[0]
+    assert (header["study"], header["label"], header["study_type"]) == (
+        first.study, first.label, first.study_type)
+    assert header["csv_path"].startswith("MURA-v1.1/valid/")
+    assert header["width"] == images.decode(first.path).width
+
+
+def test_batches_from_the_cache_equal_those_from_the_files(mura_root, built):
+    out, _ = built
+    # No augmentation: exactly the same batches.
+    config = _config(mura_root, out, **{"data.hflip": False, "data.rotation_degrees": 0.0})
+    index = mura.index_from_config(config.data, "train")
+    files = ml_collections.ConfigDict(config.data.to_dict())
+    files.cache = ""
+    eval_pairs = zip(pipeline.eval_loader(index, config.data, global_batch_size=16),
+                     pipeline.eval_loader(index, files, global_batch_size=16))
+    train_pairs = zip(pipeline.train_loader(index, config.data, global_batch_size=8, seed=1,
+                                            epoch=0),
+                      pipeline.train_loader(index, files, global_batch_size=8, seed=1, epoch=0))
+    for a, b in list(eval_pairs) + list(train_pairs):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    # Augmented on the host: the cached image flipped and rotated by images.transform.
+    config.data.hflip, config.data.rotation_degrees = True, 30.0
+    loader = pipeline.train_loader(index, config.data, global_batch_size=8, seed=1, epoch=0)
+    batch = next(iter(loader))
+    _, flips, angles = pipeline.epoch_plan(len(index.images), global_batch_size=8, seed=1,
+                                           epoch=0, hflip=True, rotation_degrees=30.0)
+    assert flips[0].any() and np.abs(angles[0]).max() > 1.0
+    pixels = cache.pixels_for_index(index, config.data)
+    for i, pos in enumerate(batch["index"]):
+        flipped = images.transform(Image.fromarray(pixels.pixels(pos)), SIZE, "stretch",
+                                   flip=bool(flips[0, i]), angle=float(angles[0, i]))
+        np.testing.assert_array_equal(batch["image"][i], images.normalize(flipped))
+
+
+def test_device_augmentation_gets_the_cached_uint8_pixels(mura_root, built):
+    out, _ = built
+    config = _config(mura_root, out, **{"data.augment_on": "device"})
+    index = mura.index_from_config(config.data, "train")
+    batch = next(iter(pipeline.train_loader(index, config.data, global_batch_size=8, seed=1,
+                                            epoch=0)))
+    assert batch["image"].dtype == np.uint8
+    pixels = cache.pixels_for_index(index, config.data)
+    for i, pos in enumerate(batch["index"]):
+        cached = pixels.pixels(pos)
+        expected = cached[:, :, None] if cached.ndim == 2 else cached
+        np.testing.assert_array_equal(batch["image"][i], np.broadcast_to(expected,
+                                                                         (SIZE, SIZE, 3)))
+
+
+def test_a_cache_of_other_settings_or_csvs_is_refused_naming_the_field(mura_root, built,
+                                                                       tmp_path):
+    out, _ = built
+    index = mura.read_split(mura_root, "valid")
+    for field, value in (("image_size", 48), ("resize", "pad")):
+        config = _config(mura_root, out, **{f"data.{field}": value})
+        with pytest.raises(UserError, match=rf"built with {field}=.*config\.data\.{field} is "
+                                            rf".*murajax\.data\.cache build"):
+            cache.pixels_for_index(index, config.data)
+    # Other CSVs at data.root: a copy of the root with one image row fewer.
+    root = tmp_path / "MURA-v1.1"
+    shutil.copytree(mura_root, root)
+    csv = root / "valid_image_paths.csv"
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(UserError, match="csv_digest differs"):
+        cache.pixels_for_index(index, _config(root, out).data)
+    with pytest.raises(UserError, match=f"config.data.cache: {tmp_path / 'none'} is not a "
+                                        "folder"):
+        cache.pixels_for_index(index, _config(mura_root, tmp_path / "none").data)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a murajax image cache"):
+        cache.pixels_for_index(index, _config(mura_root, tmp_path / "empty").data)
+    # An image the cache does not hold (here: one whose key is not in it).
+    other = mura.index_from_records([mura.ImageRecord(
+        "/x/image9.png", "valid/XR_WRIST/patient1/study1_positive", 6, "patient1", 1)])
+    with pytest.raises(UserError, match="1 image.* not in the cache"):
+        cache.pixels_for_index(other, _config(mura_root, out).data)
+    # The build refuses to finish a folder holding another build.
+    with pytest.raises(UserError, match="image_size: 32 there, 48 now"):
+        cache.build(mura_root, out, image_size=48, records_per_shard=PER_SHARD)
+
+
+def test_an_image_unreadable_at_build_time_fails_or_is_skipped_like_a_png(mura_root, tmp_path):
+    root = tmp_path / "MURA-v1.1"
+    shutil.copytree(mura_root, root)
+    index = mura.read_split(root, "valid")
+    broken = index.images[1].path
+    open(broken, "wb").close()  # zero bytes
+    out = tmp_path / "cache"
+    cache.build(root, out, image_size=SIZE, records_per_shard=PER_SHARD)
+    config = _config(root, out, **{"data.num_workers": 0})
+    with pytest.raises(UserError, match=f"{broken}: cannot read image .*empty file.*"
+                                        "on_bad_image=skip"):
+        list(pipeline.eval_loader(index, config.data, global_batch_size=16))
+    config.data.on_bad_image = "skip"
+    batch = next(iter(pipeline.eval_loader(index, config.data, global_batch_size=16)))
+    assert batch["mask"][1] == 0 and batch["index"][1] == 1 and batch["mask"][0] == 1
+
+
+_KILL_AT_RECORD = 2 * PER_SHARD + 3  # two shards complete, the third half-written
+
+
+def test_build_killed_by_sigkill_then_rerun_writes_the_same_shards(mura_root, built, tmp_path):
+    out, _ = built
+    again = tmp_path / "cache"
+    driver = (  # the child SIGKILLs itself while writing record _KILL_AT_RECORD
+        "import os, signal, sys\n"
+        "from murajax.data import cache\n"
+        "update = cache._Progress.update\n"
+        "def killing(self, n=1):\n"
+        f"    if self.done + n == {_KILL_AT_RECORD}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    update(self, n)\n"
+        "cache._Progress.update = killing\n"
+        f"sys.exit(cache.main(sys.argv[1:]))\n")
+    args = ["build", "--root", str(mura_root), "--out", str(again), "--image_size", str(SIZE),
+            "--records_per_shard", str(PER_SHARD), "--num_workers", "0"]
+    env = harness.subprocess_env(str(tmp_path / "xla"))
+    killed = subprocess.run([sys.executable, "-c", driver, *args], env=env, cwd=harness.REPO,
+                            capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    left = sorted(p.name for p in again.iterdir())
+    assert cache.MANIFEST not in left and any(".tmp-" in name for name in left)
+    assert sum(name.endswith(".array_record") for name in left) == 2
+    with pytest.raises(UserError, match="its build did not finish .*: rerun the build"):
+        cache.pixels_for_index(mura.read_split(mura_root, "valid"),
+                               _config(mura_root, again).data)
+    rerun = subprocess.run([sys.executable, "-m", "murajax.data.cache", *args], env=env,
+                           cwd=harness.REPO, capture_output=True, timeout=120, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "ETA" in rerun.stderr and f"train with --config.data.cache={again}" in rerun.stdout
+    assert _files(again) == _files(out)
+
+
+def test_build_with_worker_processes_writes_the_same_shards(mura_root, built, tmp_path):
+    out, _ = built
+    cache.build(mura_root, tmp_path, image_size=SIZE, records_per_shard=PER_SHARD,
+                num_workers=2)
+    assert _files(tmp_path) == _files(out)
+
+
+@pytest.fixture(scope="module")
+def trained(mura_root, built, tmp_path_factory):
+    out, _ = built
+    workdir = tmp_path_factory.mktemp("run")
+    # 'auto' as the default config has it (0 workers on 2 CPUs; the results do not depend on it)
+    config = _config(mura_root, out, **{"data.num_workers": "auto"})
+    return workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_train_and_evaluate_from_the_cache_repeat_exactly(mura_root, built, trained, tmp_path):
+    from murajax.modes import evaluate
+
+    out, _ = built
+    workdir, first = trained
+    second = train.train_and_evaluate(_config(mura_root, out), tmp_path)
+    assert second["history"] == first["history"]
+    helpers.assert_same_tree(helpers.final_variables(tmp_path), helpers.final_variables(workdir))
+    reports = []
+    for run, overrides in ((workdir, {}), (tmp_path, {}), (tmp_path, {"data.cache": ""})):
+        folder = evaluate.evaluate_workdir({"eval.bootstrap_samples": 100, **overrides}, run)
+        reports.append((open(f"{folder}/predictions.csv").read(),
+                        json.loads(open(f"{folder}/report.json").read())["aggregate"]))
+    # The second run's evaluation, and the PNG files' evaluation of it, equal the first's.
+    assert reports[0] == reports[1] == reports[2]
+    # The saved config says num_workers='auto'; an integer from the command line still applies.
+    assert evaluate.evaluation_config({"data.num_workers": 2}, workdir).data.num_workers == 2
+    assert json.loads((workdir / "config.json").read_text())["data"]["num_workers"] == "auto"
+
+
+def test_resume_from_the_cache_is_exact(mura_root, built, trained, tmp_path):
+    out, _ = built
+    workdir, full = trained
+    final = helpers.train_with_two_interruptions(
+        lambda **extra: _config(mura_root, out, **extra), tmp_path, full["history"][0]["step"])
+    assert final["val_loss"] == full["val_loss"]
+    helpers.assert_same_tree(helpers.final_variables(tmp_path), helpers.final_variables(workdir))
+
+
+def test_num_workers_auto_leaves_a_core_for_the_loop_and_one_per_device():
+    import jax
+
+    from murajax.configs import default
+
+    assert pipeline.resolve_num_workers("auto", cpus=2, devices=1) == 0
+    assert pipeline.resolve_num_workers("auto", cpus=1, devices=1) == 0
+    assert pipeline.resolve_num_workers("auto", cpus=16, devices=8) == 7
+    assert pipeline.resolve_num_workers("auto", cpus=8, devices=1) == 6
+    assert pipeline.resolve_num_workers("auto", cpus=224, devices=8) == pipeline._MAX_AUTO_WORKERS
+    config = default.get_config()
+    assert config.data.num_workers == "auto"
+    expected = max(0, min(pipeline._MAX_AUTO_WORKERS,
+                          len(os.sched_getaffinity(0)) - 1 - jax.local_device_count()))
+    assert pipeline.resolve_num_workers(config.data.num_workers) == expected
+    config.data.num_workers = 3  # an integer still works (from Python and the command line)
+    assert pipeline.resolve_num_workers(config.data.num_workers) == 3
+    assert pipeline.resolve_num_workers("2") == 2
+    for bad in (-1, "many", True, 1.5):
+        with pytest.raises(UserError, match="config.data.num_workers must be an integer >= 0 "
+                                            "or 'auto'"):
+            pipeline.resolve_num_workers(bad)
