@@ -66,14 +66,14 @@ NUM_EPOCHS = 4
 DATA_SEED = 0  # one synthetic set per noise level; the training seed varies
 
 
-def base_config(root: str, seed: int):
+def base_config(root: str, seed: int, num_epochs: int = NUM_EPOCHS):
     """The tiny model of the smoke config on the set at ``root``, sized for the benchmark."""
     from murajax.configs import smoke
 
     config = smoke.get_config()
     config.data.root = root
     config.data.synthetic_studies = 0
-    config.num_epochs = NUM_EPOCHS
+    config.num_epochs = num_epochs
     config.seed = seed
     config.checkpoint_every_steps = 10_000  # epoch ends only
     config.log_every_steps = 1000
@@ -260,20 +260,20 @@ def _save(path: pathlib.Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _dataset(out: pathlib.Path, noise: float) -> pathlib.Path:
+def _dataset(out: pathlib.Path, noise: float, num_studies: int = NUM_STUDIES) -> pathlib.Path:
     """The synthetic set at symmetric noise ``noise`` (written once, then reused)."""
     from murajax import synthetic
 
-    return synthetic.generate(out / "data" / f"noise{noise:g}", num_studies=NUM_STUDIES,
+    return synthetic.generate(out / "data" / f"noise{noise:g}", num_studies=num_studies,
                               seed=DATA_SEED, label_noise=noise, noise_mode="symmetric")
 
 
 def _train(method: str, overrides: dict, noise: float, seed: int, root: pathlib.Path,
-           out: pathlib.Path) -> dict:
+           out: pathlib.Path, num_epochs: int = NUM_EPOCHS) -> dict:
     from murajax import train
     from murajax.errors import UserError
 
-    config = base_config(str(root), seed)
+    config = base_config(str(root), seed, num_epochs)
     try:
         apply_overrides(config, overrides)
     except KeyError as e:
@@ -320,6 +320,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default=",".join(str(s) for s in SEEDS))
     parser.add_argument("--rerun", action="store_true", help="rerun runs already in --json")
     parser.add_argument("--table_only", action="store_true", help="print the table and stop")
+    parser.add_argument("--num_studies", type=int, default=NUM_STUDIES,
+                        help="synthetic studies per noise level (a larger benchmark: 600)")
+    parser.add_argument("--num_epochs", type=int, default=NUM_EPOCHS)
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS and m != BEST]
@@ -329,7 +332,8 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in _floats(args.seeds)]
     json_path = pathlib.Path(args.json)
     data = _load(json_path)
-    settings = {"num_studies": NUM_STUDIES, "num_epochs": NUM_EPOCHS, "data_seed": DATA_SEED,
+    settings = {"num_studies": args.num_studies, "num_epochs": args.num_epochs,
+                "data_seed": DATA_SEED,
                 "noise_mode": "symmetric"}
     saved = data.get("settings", settings)
     if any(saved.get(k) != v for k, v in settings.items()) and not args.table_only:
@@ -368,14 +372,15 @@ def main(argv=None) -> int:
                             skipped.add(method)
                             break
                         continue
-                    root = _dataset(out, noise)
+                    root = _dataset(out, noise, args.num_studies)
                     print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
                     same = run_key(data["best"][0], noise, seed) if method == BEST and len(
                         data["best"]) == 1 else None
                     if same in data["runs"]:  # the same config and seed: the same numbers
                         result = dict(data["runs"][same], same_as=same)
                     else:
-                        result = _train(method, overrides, noise, seed, root, out)
+                        result = _train(method, overrides, noise, seed, root, out,
+                                        args.num_epochs)
                     data["runs"][key] = result
                     _save(json_path, data)
                     if "skipped" in result:
