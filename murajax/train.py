@@ -396,13 +396,13 @@ def _check_same_trainable(workdir: Path, config) -> None:
     if not (workdir / checkpoints.CONFIG_FILE).is_file() or not any(
             (workdir / checkpoints.CHECKPOINT_DIR).glob("[0-9]*")):
         return
-    before = checkpoints.load_run_config(workdir).optim.get("trainable", "all")
+    saved = checkpoints.load_run_config(workdir).optim
+    before = saved.get("trainable", "all")
     if before != trainable:
         raise UserError(f"{workdir} holds checkpoints of a run with "
                         f"config.optim.trainable={before!r}, but this run has {trainable!r}: "
                         "use another --workdir (with --config.init_from="
                         f"{workdir} to start from that run's weights)")
-    saved = checkpoints.load_run_config(workdir).optim
     if optim.has_warmup(saved) != optim.has_warmup(config.optim):  # another optimizer state
         fields = ("warmup_steps", "warmup_epochs")
         raise UserError(f"{workdir} holds checkpoints of a run with " + ", ".join(

@@ -224,9 +224,8 @@ def _pixel_source(index: MuraIndex, options: _Options, data_config):
 class _BatchBuilder:
     """Builds local batch k from the precomputed plan: image positions, flips, angles."""
 
-    def __init__(self, index: MuraIndex, options: _Options, positions, flips, angles,
-                 pixels=None):
-        self.pixels = pixels if pixels is not None else _FilePixels(index, options)
+    def __init__(self, index: MuraIndex, options: _Options, positions, flips, angles, pixels):
+        self.pixels = pixels  # _pixel_source's: the image files or the cache
         self.labels = np.asarray([r.label for r in index.images], dtype=np.int32)
         self.study_types = np.asarray([r.study_type for r in index.images], dtype=np.int32)
         self.options = options

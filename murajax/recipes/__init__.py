@@ -13,6 +13,7 @@ one line in ``RECIPES``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -60,6 +61,23 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
 }
 DEFAULT = "weighted_bce"
 DEFAULT_RECIPE = Recipe("weighted_bce", train_loss=weighted_bce.per_example_loss)
+
+
+def number_field(section, section_name: str, field: str, default, *,
+                 finite: bool = False) -> float:
+    """``config.<section_name>.<field>`` of a recipe's ``section`` as a float (``default`` when
+    absent); a UserError naming the field if it is not a number, is NaN or, with ``finite``,
+    infinite. Ranges are the caller's to check."""
+    value = section.get(field, default)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config.{section_name}.{field} must be a number, got {value!r}") from None
+    if finite and not math.isfinite(value):
+        raise UserError(f"config.{section_name}.{field} must be a finite number, got {value!r}")
+    if math.isnan(value):
+        raise UserError(f"config.{section_name}.{field} must be a number, got nan")
+    return value
 
 
 def _bootstrap_mode(mode: str) -> str:

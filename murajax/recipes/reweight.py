@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from murajax.errors import UserError
+from murajax.recipes import number_field
 
 MODES = ("none", "small_loss", "large_loss")
 
@@ -86,14 +87,7 @@ def from_config(config, steps_per_epoch: int = 1) -> Reweight | None:
         raise UserError(f"config.reweight.mode must be one of {', '.join(MODES)}, got {mode!r}")
 
     def number(field, default):
-        value = section.get(field, default)
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"config.reweight.{field} must be a number, got {value!r}") from None
-        if math.isnan(value):
-            raise UserError(f"config.reweight.{field} must be a number, got nan")
-        return value
+        return number_field(section, "reweight", field, default)
 
     quantile, weight = number("quantile", 0.7), number("weight", 0.1)
     momentum, start_epoch = number("momentum", 0.9), section.get("start_epoch", 1)

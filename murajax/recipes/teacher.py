@@ -32,12 +32,12 @@ metrics, mixup and the running loss see the examples the step trains on.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 
 from murajax.errors import UserError
+from murajax.recipes import number_field
 from murajax.recipes.weighted_bce import example_weights
 
 MERGES = ("missing_only", "replace_disagreeing", "soft")
@@ -144,14 +144,7 @@ def from_config(config, steps_per_epoch: int = 1) -> Teacher | None:
                         "config.ema.decay in (0, 1), e.g. --config.ema.decay=0.99")
 
     def number(field, default):
-        value = section.get(field, default)
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"config.teacher.{field} must be a number, got {value!r}") from None
-        if not math.isfinite(value):
-            raise UserError(f"config.teacher.{field} must be a finite number, got {value!r}")
-        return value
+        return number_field(section, "teacher", field, default, finite=True)
 
     confidence, weight = number("confidence", 0.9), number("weight", 0.5)
     consistency_weight = number("consistency_weight", 0.0)
