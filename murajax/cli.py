@@ -4,6 +4,8 @@
     murajax --config=default --config.data.root=/data/MURA-v1.1 --workdir runs/mura
     murajax --mode=evaluate --workdir runs/mura [--config.eval.ensemble_top_k=1]
     murajax --mode=predict --workdir runs/mura --input study_dir --output out [--cam]
+    murajax --mode=predict --workdir runs/mura --config.data.cache=/data/mura-cache-320 \
+        --output out [--config.eval.split=valid|train|all]   # the cached images of a split
     murajax --mode=audit --workdir runs/mura [--config.eval.split=train]    # label worklist
     murajax --mode=relabel --workdir runs/mura [--config.relabel.confidence=0.95]
 
@@ -33,7 +35,8 @@ FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, logs and reports go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "audit", "relabel"],
                           "What to do.")
-_INPUT = flags.DEFINE_multi_string("input", [], "predict: image files, study folders or trees.")
+_INPUT = flags.DEFINE_multi_string("input", [], "predict: image files, study folders or trees "
+                                   "(or none, with --config.data.cache: a cached split).")
 _OUTPUT = flags.DEFINE_string("output", "", "predict: folder for predictions.csv and CAMs.")
 _CAM = flags.DEFINE_bool("cam", False, "predict: also write class activation map overlays.")
 _READERS = flags.DEFINE_string("readers", "", "evaluate: CSV of per-study reader labels.")
@@ -43,7 +46,7 @@ _HELPFULL = ("--helpfull", "-helpfull")
 # --mode=predict's overrides and the Predictor.from_workdir arguments they set.
 _PREDICT_FIELDS = {"eval.ensemble_top_k": "top_k", "eval.threshold": "threshold",
                    "eval_batch_size": "batch_size", "data.num_workers": "num_workers",
-                   "eval.use_ema": "use_ema"}
+                   "eval.use_ema": "use_ema", "data.cache": "cache", "eval.split": "split"}
 
 
 def _error(message: str) -> None:

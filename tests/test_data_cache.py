@@ -89,7 +89,10 @@ def test_batches_from_the_cache_equal_those_from_the_files(mura_root, built):
     for i, pos in enumerate(batch["index"]):
         flipped = images.transform(Image.fromarray(pixels.pixels(pos)), SIZE, "stretch",
                                    flip=bool(flips[0, i]), angle=float(angles[0, i]))
-        np.testing.assert_array_equal(batch["image"][i], images.normalize(flipped))
+        expected = np.asarray(flipped)
+        expected = expected[:, :, None] if expected.ndim == 2 else expected
+        np.testing.assert_array_equal(batch["image"][i], np.broadcast_to(expected,
+                                                                         (SIZE, SIZE, 3)))
 
 
 def test_device_augmentation_gets_the_cached_uint8_pixels(mura_root, built):
@@ -257,3 +260,45 @@ def test_num_workers_auto_leaves_a_core_for_the_loop_and_one_per_device():
         with pytest.raises(UserError, match="config.data.num_workers must be an integer >= 0 "
                                             "or 'auto'"):
             pipeline.resolve_num_workers(bad)
+
+
+def test_predict_from_the_cache_equals_predicting_the_files(mura_root, built, trained, tmp_path):
+    """--mode=predict with config.data.cache and no --input: every cached valid image, with the
+    probabilities of predicting its PNG file, studies from the keys, overlays on the cached
+    pixels; no CSV is read."""
+    from murajax import cli
+    from murajax.modes import predict
+
+    out, manifest = built
+    workdir, _ = trained
+    from_cache = predict.run_predict(workdir, [], tmp_path / "cache", cache=str(out), cam=True)
+    keys = [k for k in manifest["keys"] if k.startswith("valid/")]
+    assert [row.image for row in from_cache.rows] == keys
+    from_files = predict.run_predict(workdir, [os.path.join(mura_root, "valid")],
+                                     tmp_path / "files")
+    by_key = {row.image.split("MURA-v1.1/", 1)[-1].replace(os.sep, "/"): row
+              for row in from_files.rows}
+    assert sorted(by_key) == sorted(keys)
+    np.testing.assert_allclose([row.view_probability for row in from_cache.rows],
+                               [by_key[k].view_probability for k in keys], rtol=0,
+                               atol=8 * float(np.finfo(np.float32).eps))
+    for row in from_cache.rows:
+        assert row.study == os.path.dirname(row.image) and row.study_type in row.image
+        views = [r.view_probability for r in from_cache.rows if r.study == row.study]
+        assert row.study_probability == pytest.approx(float(np.mean(views)))
+        with Image.open(tmp_path / "cache" / "cam" / f"{row.name}.png") as overlay:
+            assert overlay.size == (SIZE, SIZE)  # drawn on the cached image
+    assert (tmp_path / "cache" / "predictions.csv").read_text().count("\n") == len(keys) + 1
+    # The train split, and the command line's fields.
+    train_rows = predict.run_predict(workdir, [], tmp_path / "train", cache=str(out),
+                                     split="train").rows
+    assert len(train_rows) == manifest["splits"]["train"]
+    assert cli.predict_options({"data.cache": str(out), "eval.split": "all"}) == {
+        "cache": str(out), "split": "all"}
+    with pytest.raises(UserError, match="not both"):
+        predict.run_predict(workdir, [os.path.join(mura_root, "valid")], tmp_path / "x",
+                            cache=str(out))
+    with pytest.raises(UserError, match="train, valid, all"):
+        predict.run_predict(workdir, [], tmp_path / "x", cache=str(out), split="test")
+    with pytest.raises(UserError, match=f"image_size={SIZE}.*config.data.image_size"):
+        cache.split_for_prediction(out, "valid", image_size=SIZE + 8, resize="stretch")

@@ -3,12 +3,13 @@
 import json
 import logging
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from murajax.data import mura, pipeline
+from murajax.data import device_augment, images, mura, pipeline
 from murajax.data.mura import ImageRecord
 from murajax.errors import UserError
 
@@ -75,7 +76,7 @@ def test_train_batches_layout_and_epoch_coverage(index):
     batches = _all(loader)
     assert len(batches) == pipeline.steps_per_epoch(NUM_IMAGES, 4) == len(loader) == 5
     first = batches[0]
-    assert first["image"].shape == (4, SIZE, SIZE, 3) and first["image"].dtype == np.float32
+    assert first["image"].shape == (4, SIZE, SIZE, 3) and first["image"].dtype == np.uint8
     for key, dtype in (("label", np.int32), ("study_type", np.int32), ("mask", np.float32),
                        ("index", np.int32)):
         assert first[key].shape == (4,) and first[key].dtype == dtype, key
@@ -86,6 +87,29 @@ def test_train_batches_layout_and_epoch_coverage(index):
         np.testing.assert_array_equal(b["label"], [index.images[i].label for i in b["index"]])
         np.testing.assert_array_equal(b["study_type"],
                                       [index.images[i].study_type for i in b["index"]])
+
+
+def test_batches_normalised_in_the_step_equal_the_host_normalisation_bit_for_bit(index):
+    """The batch ships uint8 (flipped and rotated on the host); the step's normalisation
+    (``device_augment``, jitted as the step is) gives exactly ``images.normalize`` of the same
+    transformed image, grey and RGB alike, so moving it off the host changes no result."""
+    config = data_config()
+    normalise = jax.jit(device_augment.eval_batch)
+    _, flips, angles = pipeline.epoch_plan(NUM_IMAGES, global_batch_size=4, seed=3, epoch=0,
+                                           hflip=True, rotation_degrees=30.0)
+    loader = pipeline.train_loader(index, config, global_batch_size=4, seed=3, epoch=0)
+    for step, batch in enumerate(list(loader)[:2]):
+        normalised = np.asarray(normalise(batch)["image"])
+        for i, pos in enumerate(batch["index"]):
+            transformed = images.transform(images.decode(index.images[pos].path), SIZE,
+                                           "stretch", flip=bool(flips[step, i]),
+                                           angle=float(angles[step, i]))
+            np.testing.assert_array_equal(batch["image"][i],
+                                          np.broadcast_to(np.asarray(transformed)[..., None]
+                                                          if transformed.mode == "L"
+                                                          else np.asarray(transformed),
+                                                          (SIZE, SIZE, 3)))
+            np.testing.assert_array_equal(normalised[i], images.normalize(transformed))
 
 
 def test_train_is_deterministic_and_reshuffles_each_epoch(index):

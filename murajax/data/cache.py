@@ -4,8 +4,9 @@
         --image_size 320 [--resize stretch|pad] [--num_workers N]
 
 then train (with its validation), ``--mode=evaluate``, ``audit`` and ``relabel`` read pixels from
-it with ``--config.data.cache=/data/mura-cache-320``. ``--mode=predict`` still decodes its
-``--input`` files: they are new images, and their CAM overlays need the originals.
+it with ``--config.data.cache=/data/mura-cache-320``. ``--mode=predict`` with that field and no
+``--input`` predicts the cached images of ``config.eval.split`` (``split_for_prediction``; it
+needs neither the CSVs nor the original images: CAM overlays are drawn on the cached image).
 
 This module owns the cache's format, its build and reading pixels from it. The index of a run
 still comes from the CSVs at ``config.data.root`` (labels, ``data.labels_csv``, subsets); the
@@ -47,6 +48,7 @@ import sys
 import time
 from typing import Sequence
 
+import ml_collections
 import numpy as np
 from absl import logging
 from PIL import Image
@@ -400,6 +402,31 @@ def pixels_for_index(index: mura.MuraIndex, data_config) -> CachedPixels:
     return CachedPixels(directory, [s["file"] for s in manifest["shards"]],
                         np.asarray([number[k] for k in keys], dtype=np.int64),
                         [r.path for r in index.images])
+
+
+PREDICT_SPLITS = SPLITS + ("all",)
+
+
+def split_for_prediction(directory, split: str, *, image_size: int,
+                         resize: str) -> tuple[CachedPixels, list[str]]:
+    """``--mode=predict`` on a cache: the cached images of ``split`` ('train', 'valid' or
+    'all') as a pixel source, and their keys (``record_key``), in record order. Needs no CSVs:
+    only the run's ``image_size`` and ``resize``, which the cache must have been built with."""
+    if split not in PREDICT_SPLITS:
+        raise UserError(f"config.eval.split={split!r}: predicting from a cache takes one of "
+                        f"{', '.join(PREDICT_SPLITS)}")
+    directory = pathlib.Path(os.path.expanduser(str(directory))).absolute()
+    settings = ml_collections.ConfigDict({"root": "", "image_size": int(image_size),
+                                          "resize": str(resize)})
+    manifest = _read_manifest(directory, settings)
+    check_manifest(manifest, directory, settings)  # no root: the CSVs are not read
+    numbers = [i for i, key in enumerate(manifest["keys"])
+               if split == "all" or key.startswith(split + "/")]
+    if not numbers:
+        raise UserError(f"config.data.cache: {directory} holds no images of the {split!r} split "
+                        f"(it holds {manifest['splits']})")
+    keys = [manifest["keys"][i] for i in numbers]
+    return CachedPixels(directory, [s["file"] for s in manifest["shards"]], numbers, keys), keys
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ settings the train state carries (``DeviceAugment``, static), the per-example dr
 and the normalisation. With ``augment_on='device'`` the pipeline ships images resized as on the
 host path but neither flipped, rotated nor normalised (uint8, a quarter of the float32 bytes);
 ``murajax.steps`` calls ``train_batch`` (augment + normalise) and ``eval_batch`` (normalise).
+With ``augment_on='host'`` the pipeline ships uint8 too, flipped and rotated: only the
+normalisation happens here.
 
 Every function is pure. The draws of an example are keyed by ``fold_in(fold_in(key, step),
 index)``, ``index`` being the image's position in its split: they depend neither on the batch's
@@ -70,11 +72,21 @@ def from_config(config) -> DeviceAugment | None:
 
 
 def normalise(images) -> jax.Array:
-    """uint8 (or float pixel values in [0, 255]) ``[..., 3]`` -> float32, ImageNet-normalised
-    with the host path's constants (equal to ``images.normalize`` to float32 rounding)."""
+    """uint8 (or float pixel values in [0, 255]) ``[..., 3]`` -> float32, ImageNet-normalised.
+
+    uint8 pixels are looked up in the host's own table (``images.NORMALISE_TABLE``), so they
+    equal ``images.normalize`` bit for bit: XLA contracts a multiply-add into an FMA, which
+    rounds differently in about half the values. (The look-up is also the faster of the two on
+    CPU: 3.5 against 6.2 ms for 16 x 320 x 320 x 3.) Float pixel values (the warp's, which are
+    not whole grey levels) take the multiply-add with the same constants.
+    """
+    images = jnp.asarray(images)
+    if images.dtype == jnp.uint8:
+        table = jnp.asarray(images_lib.NORMALISE_TABLE)  # [256, 3]
+        return table[images.astype(jnp.int32), jnp.arange(3)]
     scale = jnp.asarray(images_lib.NORMALISE_SCALE)
     offset = jnp.asarray(images_lib.NORMALISE_OFFSET)
-    return jnp.asarray(images).astype(jnp.float32) * scale + offset
+    return images.astype(jnp.float32) * scale + offset
 
 
 def draw(key: jax.Array, index, step, settings: DeviceAugment):

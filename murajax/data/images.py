@@ -185,6 +185,7 @@ def transform(image: Image.Image, image_size: int, resize: str, *, flip=False, a
 # _LUT[v, c] == (v / 255 - mean[c]) / std[c]: normalising is a table look-up.
 _LUT = (np.arange(256, dtype=np.float32)[:, None] * _SCALE + _OFFSET).astype(np.float32)
 _LUT_CHANNELS = [np.ascontiguousarray(_LUT[:, c]) for c in range(3)]
+NORMALISE_TABLE = _LUT  # also the device's (data.device_augment.normalise)
 
 
 def normalize(image) -> np.ndarray:

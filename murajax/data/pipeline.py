@@ -7,8 +7,10 @@ check that the train split holds at least one batch.
 
 Batches are dicts of numpy arrays with local batch size ``b = global_batch_size / process_count``::
 
-    image       float32 [b, S, S, 3]  ImageNet-normalised; with ``data.augment_on='device'``
-                uint8   [b, S, S, 3]  resized only (murajax.data.device_augment does the rest)
+    image       uint8   [b, S, S, 3]  resized, and flipped and rotated unless
+                                  ``data.augment_on='device'``; the step normalises it
+                                  (``murajax.data.device_augment``, bit-identical to the
+                                  host's table), so a batch is a quarter of the float32 bytes
     label       int32   [b]           1 abnormal, 0 normal, -1 unknown
     study_type  int32   [b]           index into STUDY_TYPES, -1 unknown
     mask        float32 [b]           1 real example; 0 padding or an unreadable image (skipped)
@@ -238,8 +240,8 @@ class _BatchBuilder:
         positions = self.positions[step]
         b = positions.shape[0]
         s = o.image_size
-        on_device = o.augment_on == "device"  # uint8, neither augmented nor normalised
-        image = np.zeros((b, s, s, 3), dtype=np.uint8 if on_device else np.float32)
+        on_device = o.augment_on == "device"  # neither flipped nor rotated here
+        image = np.zeros((b, s, s, 3), dtype=np.uint8)  # normalised in the step
         mask = np.zeros((b,), dtype=np.float32)
         label = np.full((b,), -1, dtype=np.int32)
         study_type = np.full((b,), -1, dtype=np.int32)
@@ -256,15 +258,12 @@ class _BatchBuilder:
                 if o.on_bad_image == "error":
                     raise
                 continue  # mask stays 0; the main process counts and logs it
-            if on_device:
-                pixels = np.asarray(transformed, np.uint8)
-                if pixels.ndim == 2:  # grey -> 3, a channel at a time: 6x faster than numpy's
-                    for c in range(3):  # broadcast of [S, S, 1] (1.2 vs 0.19 ms at 320 px)
-                        image[i, :, :, c] = pixels
-                else:
-                    image[i] = pixels
+            pixels = np.asarray(transformed, np.uint8)
+            if pixels.ndim == 2:  # grey -> 3, a channel at a time: 6x faster than numpy's
+                for c in range(3):  # broadcast of [S, S, 1] (1.2 vs 0.19 ms at 320 px)
+                    image[i, :, :, c] = pixels
             else:
-                images_lib.normalize_into(transformed, image[i])
+                image[i] = pixels
             mask[i] = 1.0
         return {
             "image": image,

@@ -236,17 +236,29 @@ class Predictor:
                 return self.predict_images(paths, cam=cam)
         return self.predict_images(find_images(paths), cam=cam)
 
-    def predict_images(self, items: Sequence[ImageInput], *, cam: bool = False) -> Predictions:
-        """``predict`` on images already found (``find_images``)."""
+    def predict_images(self, items: Sequence[ImageInput], *, cam: bool = False,
+                       load=None) -> Predictions:
+        """``predict`` on images already found (``find_images``). ``load(item)`` gives an
+        item's preprocessed float32 ``[S, S, 3]`` (default: decode ``item.path``) or raises one
+        of ``DECODE_ERRORS`` for an unreadable one (e.g. the image cache's pixels,
+        ``murajax.modes.predict``)."""
+        if load is not None:
+            def loader(item):
+                try:
+                    return load(item)
+                except DECODE_ERRORS as e:
+                    return UserError(describe_unreadable(item.path, e))
+        else:
+            loader = self._load
         chunks = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         views: list[tuple[ImageInput, float, np.ndarray | None]] = []
         errors: list[tuple[str, str]] = []
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
-            pending = list(pool.map(self._load, chunks[0])) if chunks else []
+            pending = list(pool.map(loader, chunks[0])) if chunks else []
             for i, chunk in enumerate(chunks):
                 loaded = pending
                 # Decode the next chunk while this one runs: at most two batches in memory.
-                upcoming = pool.map(self._load, chunks[i + 1]) if i + 1 < len(chunks) else None
+                upcoming = pool.map(loader, chunks[i + 1]) if i + 1 < len(chunks) else None
                 good = []
                 for item, result in zip(chunk, loaded):
                     if isinstance(result, UserError):

@@ -4,7 +4,8 @@
 before any checkpoint is loaded), builds the run's ``Predictor`` and writes, under
 ``output_dir``, ``predictions.csv``, ``errors.csv`` (unreadable inputs, failed overlays) and,
 with ``cam``, ``cam/<name>.png`` overlays at each image's original size. ``write_predictions``
-does the same with a ``Predictor`` already at hand.
+does the same with a ``Predictor`` already at hand. With an image cache (``cache=``, the
+``--config.data.cache`` field) instead of inputs it predicts the cache's images of a split.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import posixpath
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,8 +22,9 @@ from absl import logging
 from PIL import Image
 
 from murajax.data.files import ImageInput, find_images
+from murajax.data.mura import STUDY_TYPES, study_type_from_path
 from murajax.errors import UserError
-from murajax.inference.cam import cam_box, load_original, overlay
+from murajax.inference.cam import as_rgb, cam_box, load_original, overlay
 from murajax.inference.predictor import (DECODE_ERRORS, PredictionRow, Predictor,
                                          describe_unreadable)
 
@@ -53,21 +57,24 @@ def csv_row(row: PredictionRow) -> dict[str, Any]:
 
 
 def write_overlays(predictor: Predictor, rows: Sequence[PredictionRow], cam_dir, *,
-                   alpha: float = 0.4, cmap: str = "jet") -> list[tuple[str, str]]:
+                   alpha: float = 0.4, cmap: str = "jet",
+                   original=load_original) -> list[tuple[str, str]]:
     """Writes ``cam_dir/<row.name>.png``: each row's CAM (``predict(..., cam=True)``) over its
-    image at the original size. Returns ``(image, message)`` for each overlay that failed."""
+    image at the original size (``original(row.image)``: uint8 HxWx3). Returns ``(image,
+    message)`` for each overlay that failed."""
     cam_dir = Path(cam_dir)
     cam_dir.mkdir(parents=True, exist_ok=True)
     errors = []
     for row in rows:
         try:  # decode again, one image at a time: overlays are at the original size
-            original = load_original(row.image)
-            box = cam_box(original.shape[0], original.shape[1], predictor.image_size,
-                          predictor.resize, row.cam.shape[0], row.cam.shape[1])
-            Image.fromarray(overlay(original, row.cam, alpha, cmap, cam_box=box)).save(
+            original_image = original(row.image)
+            box = cam_box(original_image.shape[0], original_image.shape[1],
+                          predictor.image_size, predictor.resize, row.cam.shape[0],
+                          row.cam.shape[1])
+            Image.fromarray(overlay(original_image, row.cam, alpha, cmap, cam_box=box)).save(
                 cam_dir / f"{row.name}.png"
             )
-            del original
+            del original_image
         except DECODE_ERRORS as e:
             message = describe_unreadable(row.image, e)
             logging.warning("No CAM overlay: %s", message)
@@ -83,10 +90,11 @@ def write_predictions(predictor: Predictor, inputs, output_dir: str | os.PathLik
 
 
 def _write(predictor: Predictor, items: Sequence[ImageInput], output_dir: str | os.PathLike, *,
-           cam: bool, alpha: float = 0.4, cmap: str = "jet") -> PredictRun:
+           cam: bool, alpha: float = 0.4, cmap: str = "jet", load=None,
+           original=load_original) -> PredictRun:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    predictions = predictor.predict_images(items, cam=cam)
+    predictions = predictor.predict_images(items, cam=cam, load=load)
     rows, errors = predictions.rows, list(predictions.errors)
 
     predictions_csv = output_dir / "predictions.csv"
@@ -99,7 +107,8 @@ def _write(predictor: Predictor, items: Sequence[ImageInput], output_dir: str | 
     cam_dir = None
     if cam:
         cam_dir = output_dir / "cam"
-        errors += write_overlays(predictor, rows, cam_dir, alpha=alpha, cmap=cmap)
+        errors += write_overlays(predictor, rows, cam_dir, alpha=alpha, cmap=cmap,
+                                 original=original)
 
     errors_csv = None
     if errors:
@@ -119,8 +128,22 @@ def _write(predictor: Predictor, items: Sequence[ImageInput], output_dir: str | 
     return PredictRun(list(rows), errors, predictions_csv, errors_csv, cam_dir)
 
 
+def cached_items(keys: Sequence[str]) -> list[ImageInput]:
+    """The cached images ``keys`` (``murajax.data.cache.record_key``: paths relative to the
+    MURA-v1.1 folder) as prediction inputs: the key is the image, its folder the study."""
+    return [ImageInput(key, posixpath.dirname(key),
+                       STUDY_TYPES[t] if (t := study_type_from_path(key)) >= 0 else "",
+                       _safe_name(key))
+            for key in keys]
+
+
+def _safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", posixpath.splitext(key)[0].replace("/", "__"))
+
+
 def run_predict(workdir: str | os.PathLike, inputs, output_dir: str | os.PathLike, *,
-        cam: bool = False, top_k: int | None = None, **kwargs) -> PredictRun:
+        cam: bool = False, top_k: int | None = None, cache: str = "", split: str | None = None,
+        **kwargs) -> PredictRun:
     """Predicts with a trained run's ensemble and writes, under ``output_dir``:
 
     * ``predictions.csv``: study, image, study_type, view_probability, study_probability,
@@ -128,10 +151,36 @@ def run_predict(workdir: str | os.PathLike, inputs, output_dir: str | os.PathLik
     * ``errors.csv`` (image, error) when some inputs could not be read (they are skipped);
     * with ``cam``, ``cam/<relative path>.png``: each image's CAM overlay at its original size.
 
-    Raises ``UserError`` for no inputs/images, a workdir without checkpoints, or when no image
-    could be read at all. ``kwargs`` go to ``Predictor.from_workdir`` (batch_size, threshold,
-    use_ema).
+    ``inputs`` are image files, study folders or trees. Or, with ``cache`` (an image cache,
+    ``murajax.data.cache``) and no inputs, the cached images of ``split`` (default: the run's
+    ``config.eval.split``): each row's image is its key in the cache (its path relative to the
+    MURA-v1.1 folder), the pixels are the cached ones (exactly what evaluation feeds the
+    model) and the overlays are drawn on them, at the cache's size.
+
+    Raises ``UserError`` for no inputs/images, both inputs and a cache, a cache that does not
+    fit the run, a workdir without checkpoints, or when no image could be read at all.
+    ``kwargs`` go to ``Predictor.from_workdir`` (batch_size, threshold, use_ema).
     """
-    items = find_images(inputs)  # fail on bad inputs before loading any checkpoint
+    if not cache:
+        items = find_images(inputs)  # fail on bad inputs before loading any checkpoint
+        predictor = Predictor.from_workdir(workdir, top_k=top_k, **kwargs)
+        return _write(predictor, items, output_dir, cam=cam)
+    if list(inputs):
+        raise UserError("--mode=predict takes either --input (image files, study folders) or "
+                        "--config.data.cache (the cached images of config.eval.split), not both")
+    from murajax import checkpoints
+    from murajax.data import cache as cache_lib
+    from murajax.data import images
+
+    config = checkpoints.load_run_config(workdir)
+    split = str(config.eval.split) if split is None else str(split)
+    pixels, keys = cache_lib.split_for_prediction(cache, split,
+                                                  image_size=int(config.data.image_size),
+                                                  resize=str(config.data.resize))
+    position = {key: i for i, key in enumerate(keys)}
+    logging.info("Predicting the %d cached images of the %r split of %s.", len(keys), split,
+                 cache)
     predictor = Predictor.from_workdir(workdir, top_k=top_k, **kwargs)
-    return _write(predictor, items, output_dir, cam=cam)
+    return _write(predictor, cached_items(keys), output_dir, cam=cam,
+                  load=lambda item: images.normalize(pixels.pixels(position[item.path])),
+                  original=lambda key: as_rgb(pixels.pixels(position[key])))
