@@ -40,6 +40,12 @@ def _config(root, out, **overrides):
                                        "log_every_steps": 2, **overrides})
 
 
+def _channels_first(pixels):
+    """A batch's layout of cached pixels: [3, S, S], a grey image three times."""
+    return np.broadcast_to(pixels, (3, SIZE, SIZE)) if pixels.ndim == 2 else \
+        pixels.transpose(2, 0, 1)
+
+
 def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -90,9 +96,7 @@ def test_batches_from_the_cache_equal_those_from_the_files(mura_root, built):
         flipped = images.transform(Image.fromarray(pixels.pixels(pos)), SIZE, "stretch",
                                    flip=bool(flips[0, i]), angle=float(angles[0, i]))
         expected = np.asarray(flipped)
-        expected = expected[:, :, None] if expected.ndim == 2 else expected
-        np.testing.assert_array_equal(batch["image"][i], np.broadcast_to(expected,
-                                                                         (SIZE, SIZE, 3)))
+        np.testing.assert_array_equal(batch["image"][i], _channels_first(expected))
 
 
 def test_device_augmentation_gets_the_cached_uint8_pixels(mura_root, built):
@@ -104,10 +108,7 @@ def test_device_augmentation_gets_the_cached_uint8_pixels(mura_root, built):
     assert batch["image"].dtype == np.uint8
     pixels = cache.pixels_for_index(index, config.data)
     for i, pos in enumerate(batch["index"]):
-        cached = pixels.pixels(pos)
-        expected = cached[:, :, None] if cached.ndim == 2 else cached
-        np.testing.assert_array_equal(batch["image"][i], np.broadcast_to(expected,
-                                                                         (SIZE, SIZE, 3)))
+        np.testing.assert_array_equal(batch["image"][i], _channels_first(pixels.pixels(pos)))
 
 
 def test_a_cache_of_other_settings_or_csvs_is_refused_naming_the_field(mura_root, built,

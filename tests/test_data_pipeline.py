@@ -76,7 +76,7 @@ def test_train_batches_layout_and_epoch_coverage(index):
     batches = _all(loader)
     assert len(batches) == pipeline.steps_per_epoch(NUM_IMAGES, 4) == len(loader) == 5
     first = batches[0]
-    assert first["image"].shape == (4, SIZE, SIZE, 3) and first["image"].dtype == np.uint8
+    assert first["image"].shape == (4, 3, SIZE, SIZE) and first["image"].dtype == np.uint8
     for key, dtype in (("label", np.int32), ("study_type", np.int32), ("mask", np.float32),
                        ("index", np.int32)):
         assert first[key].shape == (4,) and first[key].dtype == dtype, key
@@ -104,11 +104,10 @@ def test_batches_normalised_in_the_step_equal_the_host_normalisation_bit_for_bit
             transformed = images.transform(images.decode(index.images[pos].path), SIZE,
                                            "stretch", flip=bool(flips[step, i]),
                                            angle=float(angles[step, i]))
-            np.testing.assert_array_equal(batch["image"][i],
-                                          np.broadcast_to(np.asarray(transformed)[..., None]
-                                                          if transformed.mode == "L"
-                                                          else np.asarray(transformed),
-                                                          (SIZE, SIZE, 3)))
+            pixels = np.asarray(transformed)  # channels first in the batch
+            np.testing.assert_array_equal(
+                batch["image"][i], np.broadcast_to(pixels, (3, SIZE, SIZE))
+                if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
             np.testing.assert_array_equal(normalised[i], images.normalize(transformed))
 
 
@@ -141,7 +140,7 @@ def test_eval_covers_every_image_exactly_once(index, batch_size):
     loader = pipeline.eval_loader(index, data_config(), global_batch_size=batch_size)
     batches = _all(loader)
     assert len(batches) == len(loader) == pipeline.num_eval_batches(NUM_IMAGES, batch_size)
-    assert all(b["image"].shape == (batch_size, SIZE, SIZE, 3) for b in batches)
+    assert all(b["image"].shape == (batch_size, 3, SIZE, SIZE) for b in batches)
     indices = np.concatenate([b["index"] for b in batches])
     mask = np.concatenate([b["mask"] for b in batches])
     np.testing.assert_array_equal(indices[mask == 1], np.arange(NUM_IMAGES))
@@ -249,7 +248,7 @@ def test_bad_image_skip_masks_counts_and_logs(index, tmp_path, caplog):
         batches = _all(loader)
     indices = np.concatenate([b["index"] for b in batches])
     mask = np.concatenate([b["mask"] for b in batches])
-    assert all(b["image"].shape == (8, SIZE, SIZE, 3) for b in batches)
+    assert all(b["image"].shape == (8, 3, SIZE, SIZE) for b in batches)
     assert mask[indices == 5].tolist() == [0.0]
     assert mask[(indices >= 0) & (indices != 5)].tolist() == [1.0] * (NUM_IMAGES - 1)
     assert loader.num_bad_images == 1 and loader.bad_images == {str(bad)}

@@ -146,7 +146,7 @@ def test_sharded_over_four_devices_draws_the_same_and_warps_to_rounding():
 
 
 def test_masked_rows_are_zero_as_on_the_host_and_float_batches_pass():
-    batch = {"image": jnp.asarray(_uint8((4, 16, 16, 3), seed=4)),
+    batch = {"image": jnp.asarray(_uint8((4, 3, 16, 16), seed=4)),  # the pipeline's layout
              "mask": jnp.asarray([1.0, 0.0, 1.0, 0.0]), "index": jnp.asarray([0, 1, 2, -1])}
     train_batch = jax.jit(device_augment.train_batch, static_argnums=3)
     out = np.asarray(train_batch(batch, jax.random.key(0), 0, ON)["image"])
@@ -155,7 +155,8 @@ def test_masked_rows_are_zero_as_on_the_host_and_float_batches_pass():
         assert image.dtype == np.float32
         np.testing.assert_array_equal(image[[1, 3]], 0.0)
         assert np.all(np.abs(image[[0, 2]]).max(axis=(1, 2, 3)) > 1.0)
-    np.testing.assert_array_equal(evaluated[0], device_augment.normalise(batch["image"][0]))
+    np.testing.assert_array_equal(evaluated[0],
+                                  device_augment.normalise(np.moveaxis(batch["image"][0], 0, -1)))
     host = {**batch, "image": jnp.zeros((4, 16, 16, 3), jnp.float32)}
     assert device_augment.eval_batch(host) is host
     assert device_augment.train_batch(host, jax.random.key(0), 0, None) is host
@@ -208,7 +209,7 @@ def test_device_batches_are_the_resized_uint8_images_of_the_host_batches(image_i
     kwargs = {"global_batch_size": 4}
     for host, device in zip(pipeline.eval_loader(image_index, host_config, **kwargs),
                             pipeline.eval_loader(image_index, device_config, **kwargs)):
-        assert device["image"].dtype == np.uint8 and device["image"].shape == (4, 16, 16, 3)
+        assert device["image"].dtype == np.uint8 and device["image"].shape == (4, 3, 16, 16)
         for key in ("image", "label", "mask", "index", "study_type"):
             np.testing.assert_array_equal(device[key], host[key])
     train_host, train_device = (next(iter(pipeline.train_loader(
@@ -226,7 +227,8 @@ def test_train_step_augments_uint8_batches_with_the_documented_key():
     plain = helpers.tiny_state()
     state = plain.replace(augment=ON)
     batch = helpers.random_batch(8, masked=(2,))
-    batch["image"] = _uint8(batch["image"].shape, seed=5)
+    b, s = batch["image"].shape[:2]
+    batch["image"] = _uint8((b, 3, s, s), seed=5)  # the pipeline's layout
     batch["index"] = np.arange(8, dtype=np.int32) * 5
     gradients = jax.jit(steps.compute_gradients)
     grads, outputs, _ = gradients(state, batch)
@@ -254,9 +256,10 @@ def test_predictor_normalises_uint8_batches():
     state = helpers.tiny_state(config)
     predictor = inference.Predictor(train_state.model_from_config(config), state.variables,
                                     image_size=config.data.image_size, batch_size=4)
-    pixels = _uint8((4, 32, 32, 3), seed=6)
+    pixels = _uint8((4, 3, 32, 32), seed=6)  # an eval batch's layout
     logits, _ = predictor.predict_logits(pixels)
-    expected, _ = predictor.predict_logits(np.asarray(device_augment.normalise(pixels)))
+    expected, _ = predictor.predict_logits(
+        np.asarray(device_augment.normalise(pixels.transpose(0, 2, 3, 1))))
     np.testing.assert_array_equal(logits, expected)
 
 

@@ -7,7 +7,9 @@ and the normalisation. With ``augment_on='device'`` the pipeline ships images re
 host path but neither flipped, rotated nor normalised (uint8, a quarter of the float32 bytes);
 ``murajax.steps`` calls ``train_batch`` (augment + normalise) and ``eval_batch`` (normalise).
 With ``augment_on='host'`` the pipeline ships uint8 too, flipped and rotated: only the
-normalisation happens here.
+normalisation happens here. Either way the batch's pixels arrive channels first,
+``[b, 3, S, S]`` (``channels_last`` turns them into the model's ``[b, S, S, 3]``); the warp and
+the normalisation work on ``[..., H, W, 3]``.
 
 Every function is pure. The draws of an example are keyed by ``fold_in(fold_in(key, step),
 index)``, ``index`` being the image's position in its split: they depend neither on the batch's
@@ -155,21 +157,29 @@ def _real_rows(image, mask):
     return jnp.where(jnp.reshape(mask > 0, (-1, 1, 1, 1)), image, jnp.zeros((), image.dtype))
 
 
+def channels_last(image) -> jax.Array:
+    """The pipeline's uint8 ``[b, 3, S, S]`` (channels first) -> ``[b, S, S, 3]``."""
+    return jnp.transpose(jnp.asarray(image), (0, 2, 3, 1))
+
+
 def train_batch(batch: dict, key: jax.Array, step, settings: DeviceAugment | None) -> dict:
-    """The train step's batch with ``image`` augmented and normalised (``settings``: the
-    state's; None leaves a float32 batch as it is and normalises a uint8 one)."""
+    """The train step's batch with the pipeline's uint8 ``image`` (``[b, 3, S, S]``) augmented
+    and normalised to float32 ``[b, S, S, 3]`` (``settings``: the state's; None only normalises;
+    a float32 batch, already ``[b, S, S, 3]`` and normalised, passes as it is)."""
     image = batch["image"]
     if settings is None:
         return eval_batch(batch)
     if image.dtype != jnp.uint8:
         raise ValueError(f"augmentation on the device needs uint8 images (the pipeline's with "
                          f"config.data.augment_on='device'), got {image.dtype}")
-    image = augment(image, key, batch["index"], step, settings)
+    image = augment(channels_last(image), key, batch["index"], step, settings)
     return {**batch, "image": _real_rows(image, batch["mask"])}
 
 
 def eval_batch(batch: dict) -> dict:
-    """The batch with a uint8 ``image`` normalised; a float32 one (host path) as it is."""
+    """The batch with the pipeline's uint8 ``image`` (``[b, 3, S, S]``) normalised to float32
+    ``[b, S, S, 3]``; a float32 one (already normalised) as it is."""
     if batch["image"].dtype != jnp.uint8:
         return batch
-    return {**batch, "image": _real_rows(normalise(batch["image"]), batch["mask"])}
+    image = normalise(channels_last(batch["image"]))
+    return {**batch, "image": _real_rows(image, batch["mask"])}

@@ -182,11 +182,11 @@ class Predictor:
     def predict_logits(self, images: np.ndarray, *, cam: bool = False):
         """Preprocessed ``[N, S, S, 3]`` images -> per-member logits ``[M, N]`` (and per-member
         logit maps ``[M, N, h, w]`` with ``cam``), in fixed-size padded batches. uint8 images
-        (an eval batch of a run with ``config.data.augment_on='device'``) are normalised first."""
+        (an eval batch's: ``[N, 3, S, S]``, channels first) are normalised first."""
         if np.asarray(images).dtype == np.uint8:
             from murajax.data import device_augment
 
-            images = device_augment.normalise(images)
+            images = device_augment.normalise(device_augment.channels_last(images))
         images = np.asarray(images, np.float32)
         n = images.shape[0]
         logits, cams = [], []
