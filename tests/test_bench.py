@@ -134,7 +134,7 @@ def test_pipeline_only_reports_throughput_per_wall_and_cpu_second(mura_root, tmp
                 "pipeline_cpu_s"):
         assert _positive(r[key]), (key, r[key])
     assert r["pipeline_source"] == "png" and r["num_workers"] == 0 and r["batch_size"] == 8
-    assert r["pipeline_batches"] == 2 and r["pipeline_image_dtype"] == "float32"
+    assert r["pipeline_batches"] == 2 and r["pipeline_image_dtype"] == "uint8"
     assert r["pipeline_images_per_s"] == pytest.approx(16 / r["pipeline_wall_s"])
     assert r["pipeline_images_per_cpu_s"] == pytest.approx(16 / r["pipeline_cpu_s"])
     assert "train_images_per_s" not in r  # no step compiled

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from murajax import checkpoints, steps, synthetic, train
+from murajax.data import device_augment
 from tests import helpers
 
 BAD_STEP = 5  # the 5th step (state.step 4 -> 5) gets NaN images: its loss and update are NaN
@@ -23,6 +24,7 @@ def test_nan_mid_window_is_caught_at_the_next_save_and_not_saved(mura_root, tmp_
 
     def diverging_step(state, batch, **kwargs):
         bad = state.step == BAD_STEP - 1
+        batch = device_augment.eval_batch(batch)  # uint8 -> float32, as the step does first
         batch = dict(batch, image=jnp.where(bad, jnp.nan, batch["image"]))
         return plain_step(state, batch, **kwargs)
 
