@@ -135,3 +135,33 @@ def test_batch_norm_relu_averages_statistics_over_axis_name():
     _close(y_sharded.reshape(y_whole.shape), y_whole)
     for name in ("mean", "var"):
         _close(stats_sharded["batch_stats"][name][0], stats_whole["batch_stats"][name])
+
+
+def test_params_helper_creates_as_flax_does_and_still_refuses_a_wrong_shape():
+    """ops.params.param skips Flax's re-trace of the initialiser at apply, not its check."""
+    from flax import errors
+    from flax import linen as nn
+
+    from murajax.ops import params
+
+    class Ours(nn.Module):
+        width: int
+
+        @nn.compact
+        def __call__(self, x):
+            w = params.param(self, "kernel", nn.initializers.lecun_normal(), (3, self.width),
+                             jnp.float32)
+            return x @ w
+
+    class Flax(Ours):
+        @nn.compact
+        def __call__(self, x):
+            return x @ self.param("kernel", nn.initializers.lecun_normal(), (3, self.width))
+
+    x = jnp.ones((2, 3))
+    ours = Ours(4).init(jax.random.key(1), x)
+    np.testing.assert_array_equal(ours["params"]["kernel"],
+                                  Flax(4).init(jax.random.key(1), x)["params"]["kernel"])
+    np.testing.assert_array_equal(Ours(4).apply(ours, x), x @ ours["params"]["kernel"])
+    with pytest.raises(errors.ScopeParamShapeError, match=r"expected to generate shape \(3, 5\).*has shape \(3, 4\)"):
+        Ours(5).apply(ours, x)

@@ -10,6 +10,8 @@ ReLU, with the same parameter names and shapes, so a checkpoint does not depend 
   a hand-written backward pass.
 * ``murajax.ops.dense_scan``: a dense block's layers as a few scans over a preallocated
   feature buffer, for a shorter compile (``config.model.block_impl='scan'``).
+* ``murajax.ops.params``: parameters without Flax's per-apply re-trace of their initialiser
+  (a shorter trace).
 
 Each is checked against the plain formulation: ``tests/test_ops.py`` (each kernel against
 ``lax.conv`` / ``nn.Conv`` / ``nn.BatchNorm``, values and gradients) and
@@ -17,8 +19,8 @@ Each is checked against the plain formulation: ``tests/test_ops.py`` (each kerne
 """
 
 from murajax.ops.batchnorm import BatchNormReLU, batch_norm_relu_train
-from murajax.ops import dense_scan
+from murajax.ops import dense_scan, params
 from murajax.ops.conv import MatmulConv, conv3x3_same, conv_patch_grad
 
 __all__ = ["BatchNormReLU", "MatmulConv", "batch_norm_relu_train", "conv3x3_same",
-           "conv_patch_grad", "dense_scan"]
+           "conv_patch_grad", "dense_scan", "params"]

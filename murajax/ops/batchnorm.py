@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from murajax.ops import params
+
 
 def _feature(v, x):
     """A per-channel vector broadcast against NHWC ``x``."""
@@ -134,8 +136,8 @@ class BatchNormReLU(nn.Module):
                                 features)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
                                features)
-        scale = self.param("scale", nn.initializers.ones, features, self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
+        scale = params.param(self, "scale", nn.initializers.ones, features, self.param_dtype)
+        bias = params.param(self, "bias", nn.initializers.zeros, features, self.param_dtype)
         lax = jax.lax
         compute = jnp.promote_types(jnp.promote_types(x.dtype, self.param_dtype), jnp.float32)
         x = _cast(x, jnp.dtype(self.dtype or jnp.result_type(x, self.param_dtype)))

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from murajax.ops import params
+
 
 def _dot_channels(x, w):
     """x [..., c] . w [c, d] -> [..., d]: a 1x1 convolution."""
@@ -161,8 +163,8 @@ class MatmulConv(nn.Module):
         size = _same_size("kernel_size", self.kernel_size)
         stride = _same_size("strides", self.strides)
         pad = _symmetric_pad(self.padding, size, stride)
-        kernel = self.param("kernel", self.kernel_init, (size, size, x.shape[-1], self.features),
-                            self.param_dtype)
+        kernel = params.param(self, "kernel", self.kernel_init,
+                              (size, size, x.shape[-1], self.features), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         if size == 1 and stride == 1 and pad == 0:
             return _dot_channels(x, kernel[0, 0])
