@@ -163,5 +163,6 @@ def test_params_helper_creates_as_flax_does_and_still_refuses_a_wrong_shape():
     np.testing.assert_array_equal(ours["params"]["kernel"],
                                   Flax(4).init(jax.random.key(1), x)["params"]["kernel"])
     np.testing.assert_array_equal(Ours(4).apply(ours, x), x @ ours["params"]["kernel"])
-    with pytest.raises(errors.ScopeParamShapeError, match=r"expected to generate shape \(3, 5\).*has shape \(3, 4\)"):
+    with pytest.raises(errors.ScopeParamShapeError,
+                       match=r"expected to generate shape \(3, 5\).*has shape \(3, 4\)"):
         Ours(5).apply(ours, x)
