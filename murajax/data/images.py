@@ -4,8 +4,10 @@
 paper, or ``pad``: aspect ratio kept, centred, black padding), flips and rotates in a single PIL
 affine transform on uint8, then normalises with the ImageNet statistics in float32.
 
-The pipeline uses the faster pair ``decode`` / ``transform_and_normalize``, which keep grayscale
-images single-channel until the final normalisation (identical results).
+The pipeline uses the faster ``decode`` / ``transform``, which keep grayscale images
+single-channel, and ships the uint8 result; the train and eval steps normalise it with this
+module's table (``NORMALISE_TABLE``, through ``murajax.data.device_augment``), so the numbers are
+those of ``normalize`` (identical results).
 
 Mode handling: 8-bit grayscale ('L', '1') as is; 16-bit grayscale ('I;16*', and 'I' as PNG
 decodes 16-bit files in older Pillow) scaled linearly from 0..65535 to 0..255; 'F' clipped to
