@@ -4,6 +4,8 @@
   DICOM) -> one ``ImageInput`` per image, in natural order, each with its study (the image's
   folder, relative to what the inputs have in common), its study type (``mura.study_type_from_path``
   on its absolute path) and a unique, file-system-safe name for per-image outputs.
+* ``keyed_images(keys)``: the same for images known by their path relative to the MURA-v1.1
+  folder (an image cache's keys), nothing on disk.
 * ``natural_key(name)``: sorts ``image2`` before ``image10``.
 
 Nothing here decodes an image (a file without a suffix is only checked for the DICOM magic).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Iterable
@@ -42,7 +45,7 @@ class ImageInput:
 
 
 def _study_type_name(path: str) -> str:
-    index = study_type_from_path(os.path.abspath(path))
+    index = study_type_from_path(path)
     return STUDY_TYPES[index] if index >= 0 else ""
 
 
@@ -105,22 +108,38 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
                 ):
                     found.append((str(path), study, f"{root_name}/{path.relative_to(root)}"))
 
-    images, seen_paths, seen_names = [], set(), set()
+    unique, seen_paths = [], set()
     for path, study, rel in found:
         key = os.path.realpath(path)
-        if key in seen_paths:
-            continue
-        seen_paths.add(key)
+        if key not in seen_paths:
+            seen_paths.add(key)
+            unique.append((path, study, _study_type_name(os.path.abspath(path)), rel))
+    images = _named(unique)
+    if not images:
+        raise UserError(
+            f"no images found in {', '.join(inputs)}: expected image files "
+            f"({', '.join(IMAGE_SUFFIXES)}) or folders holding them"
+        )
+    return images
+
+
+def keyed_images(keys: Iterable[str]) -> list[ImageInput]:
+    """Images known by their path relative to the MURA-v1.1 folder (an image cache's keys,
+    ``murajax.data.cache.record_key``): the key is the image, its folder the study, and the
+    outputs are named as ``find_images`` names them."""
+    return _named([(key, posixpath.dirname(key), _study_type_name(key), key) for key in keys])
+
+
+def _named(found: Iterable[tuple[str, str, str, str]]) -> list[ImageInput]:
+    """``(path, study, study type, relative name)`` -> ``ImageInput``s named by the relative
+    name made file-system-safe, unique case-insensitively (``_2``, ``_3``, ... on a clash)."""
+    images, seen_names = [], set()
+    for path, study, study_type, rel in found:
         stem = _safe("__".join(Path(rel).with_suffix("").parts))
         name, n = stem, 1
         while name.lower() in seen_names:
             n += 1
             name = f"{stem}_{n}"
         seen_names.add(name.lower())
-        images.append(ImageInput(path, study, _study_type_name(path), name))
-    if not images:
-        raise UserError(
-            f"no images found in {', '.join(inputs)}: expected image files "
-            f"({', '.join(IMAGE_SUFFIXES)}) or folders holding them"
-        )
+        images.append(ImageInput(path, study, study_type, name))
     return images

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import os
 from typing import Iterator, Sequence
 
@@ -216,8 +217,12 @@ class Predictor:
 
     # -- files --------------------------------------------------------------------------------
 
-    def _load(self, item: ImageInput):
+    def _load(self, item: ImageInput, load=None):
+        """``load(item)`` (default: decode and preprocess ``item.path``), or the UserError
+        describing why it could not be read."""
         try:
+            if load is not None:
+                return load(item)
             return load_preprocessed(item.path, self.image_size, self.resize)
         except DECODE_ERRORS as e:
             return UserError(describe_unreadable(item.path, e))
@@ -242,14 +247,7 @@ class Predictor:
         item's preprocessed float32 ``[S, S, 3]`` (default: decode ``item.path``) or raises one
         of ``DECODE_ERRORS`` for an unreadable one (e.g. the image cache's pixels,
         ``murajax.modes.predict``)."""
-        if load is not None:
-            def loader(item):
-                try:
-                    return load(item)
-                except DECODE_ERRORS as e:
-                    return UserError(describe_unreadable(item.path, e))
-        else:
-            loader = self._load
+        loader = functools.partial(self._load, load=load)
         chunks = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         views: list[tuple[ImageInput, float, np.ndarray | None]] = []
         errors: list[tuple[str, str]] = []

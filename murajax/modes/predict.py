@@ -13,16 +13,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import posixpath
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 from absl import logging
 from PIL import Image
 
-from murajax.data.files import ImageInput, find_images
-from murajax.data.mura import STUDY_TYPES, study_type_from_path
+from murajax.data.files import ImageInput, find_images, keyed_images
 from murajax.errors import UserError
 from murajax.inference.cam import as_rgb, cam_box, load_original, overlay
 from murajax.inference.predictor import (DECODE_ERRORS, PredictionRow, Predictor,
@@ -128,19 +125,6 @@ def _write(predictor: Predictor, items: Sequence[ImageInput], output_dir: str | 
     return PredictRun(list(rows), errors, predictions_csv, errors_csv, cam_dir)
 
 
-def cached_items(keys: Sequence[str]) -> list[ImageInput]:
-    """The cached images ``keys`` (``murajax.data.cache.record_key``: paths relative to the
-    MURA-v1.1 folder) as prediction inputs: the key is the image, its folder the study."""
-    return [ImageInput(key, posixpath.dirname(key),
-                       STUDY_TYPES[t] if (t := study_type_from_path(key)) >= 0 else "",
-                       _safe_name(key))
-            for key in keys]
-
-
-def _safe_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", posixpath.splitext(key)[0].replace("/", "__"))
-
-
 def run_predict(workdir: str | os.PathLike, inputs, output_dir: str | os.PathLike, *,
         cam: bool = False, top_k: int | None = None, cache: str = "", split: str | None = None,
         **kwargs) -> PredictRun:
@@ -181,6 +165,6 @@ def run_predict(workdir: str | os.PathLike, inputs, output_dir: str | os.PathLik
     logging.info("Predicting the %d cached images of the %r split of %s.", len(keys), split,
                  cache)
     predictor = Predictor.from_workdir(workdir, top_k=top_k, **kwargs)
-    return _write(predictor, cached_items(keys), output_dir, cam=cam,
+    return _write(predictor, keyed_images(keys), output_dir, cam=cam,
                   load=lambda item: images.normalize(pixels.pixels(position[item.path])),
                   original=lambda key: as_rgb(pixels.pixels(position[key])))
