@@ -716,47 +716,45 @@ def main(argv=None) -> int:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if args.pipeline_only:
-        return _pipeline_main(args)
-    try:
-        result = run(
-            model=args.model, batch_size=args.batch_size, image_size=args.image_size,
-            dtype=args.dtype, remat=args.remat, parallelism=args.parallelism,
-            conv_impl=args.conv_impl, steps=args.steps,
-            warmup=args.warmup, eval_steps=args.eval_steps, pipeline=args.pipeline,
-            pipeline_studies=args.pipeline_studies, real_init=args.real_init,
-            log=lambda message: print(message, file=sys.stderr, flush=True),
-        )
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(result), flush=True)
-    if args.json:
-        _write_json(args.json, result)
-    return 0
+        return _report(_measure_pipeline, format_pipeline_table, args)
+    return _report(_measure_steps, format_table, args)
 
 
-def _write_json(path: str, result: dict) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def _pipeline_main(args) -> int:
+def _measure_steps(args) -> dict:
+    return run(model=args.model, batch_size=args.batch_size, image_size=args.image_size,
+               dtype=args.dtype, remat=args.remat, parallelism=args.parallelism,
+               conv_impl=args.conv_impl, steps=args.steps, warmup=args.warmup,
+               eval_steps=args.eval_steps, pipeline=args.pipeline,
+               pipeline_studies=args.pipeline_studies, real_init=args.real_init, log=_log)
+
+
+def _measure_pipeline(args) -> dict:
     workers = args.num_workers.strip()
+    return pipeline_only(
+        data_root=args.data_root, cache=args.cache, image_size=args.image_size,
+        batch_size=args.batch_size, num_workers=int(workers) if workers.isdigit() else workers,
+        prefetch=args.prefetch, batches=args.batches, warmup=args.warmup,
+        augment_on=args.augment_on, studies=args.studies, stall=args.stall,
+        stall_steps=args.stall_steps, model=args.stall_model, log=_log)
+
+
+def _report(measure, format_result, args) -> int:
+    """``measure(args)``, printed as ``format_result`` says (and to ``--json``); 2 for a
+    user error."""
     try:
-        result = pipeline_only(
-            data_root=args.data_root, cache=args.cache, image_size=args.image_size,
-            batch_size=args.batch_size, num_workers=int(workers) if workers.isdigit()
-            else workers, prefetch=args.prefetch, batches=args.batches, warmup=args.warmup,
-            augment_on=args.augment_on, studies=args.studies, stall=args.stall,
-            stall_steps=args.stall_steps, model=args.stall_model,
-            log=lambda message: print(message, file=sys.stderr, flush=True))
+        result = measure(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_pipeline_table(result), flush=True)
+    print(format_result(result), flush=True)
     if args.json:
-        _write_json(args.json, result)
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 0
 
 

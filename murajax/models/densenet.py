@@ -50,6 +50,8 @@ ModuleDef = Callable[..., nn.Module]
 KERAS_BN_EPSILON = 1.001e-5
 BN_MOMENTUM = 0.9  # running averages: ra = 0.9 ra + 0.1 batch (Keras's 0.99 is slower)
 _KERNEL_INIT = nn.initializers.kaiming_normal()
+_REMAT = ("none", "bottleneck", "layer")
+_BLOCK_IMPLS = ("unrolled", "scan")
 
 
 def _kernel_init(module: nn.Module, init=_KERNEL_INIT):
@@ -58,8 +60,6 @@ def _kernel_init(module: nn.Module, init=_KERNEL_INIT):
     initialiser again at every apply (``ops.params``); zeros make the same check in 0.65 ms
     instead of a kaiming-normal's 10.8 ms."""
     return init if module.is_initializing() else nn.initializers.zeros
-_REMAT = ("none", "bottleneck", "layer")
-_BLOCK_IMPLS = ("unrolled", "scan")
 
 
 class Bottleneck(nn.Module):
