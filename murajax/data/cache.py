@@ -287,7 +287,9 @@ def build(root, out, *, image_size: int, resize: str = "stretch", num_workers: i
 # Reading.
 
 
-def _read_manifest(directory: pathlib.Path, data_config) -> dict:
+def _checked_manifest(directory: pathlib.Path, data_config) -> dict:
+    """The manifest of the cache in ``directory``, checked against ``config.data``
+    (``_check_manifest``); UserError if it is missing, unreadable or does not match."""
     rebuild = build_command(data_config.root, directory, data_config.image_size,
                             data_config.resize)
     if not directory.is_dir():
@@ -309,10 +311,11 @@ def _read_manifest(directory: pathlib.Path, data_config) -> dict:
         raise UserError(f"config.data.cache: {directory} is a {fmt!r} cache of version "
                         f"{version!r}; this murajax reads {FORMAT!r} version {VERSION}. Rebuild "
                         f"it: {rebuild}")
+    _check_manifest(manifest, directory, data_config)
     return manifest
 
 
-def check_manifest(manifest: dict, directory, data_config) -> None:
+def _check_manifest(manifest: dict, directory, data_config) -> None:
     """UserError naming the first field where ``manifest`` does not match ``config.data``
     (image_size, resize; the source CSVs' digest when ``config.data.root`` is set)."""
     # Into a new folder: the build refuses to finish one holding other settings.
@@ -381,8 +384,7 @@ def pixels_for_index(index: mura.MuraIndex, data_config) -> CachedPixels:
     """The cache at ``config.data.cache``, checked against ``config.data``, mapped onto
     ``index``'s images. UserError if it is missing, does not match or lacks an image."""
     directory = pathlib.Path(os.path.expanduser(str(data_config.cache))).absolute()
-    manifest = _read_manifest(directory, data_config)
-    check_manifest(manifest, directory, data_config)
+    manifest = _checked_manifest(directory, data_config)
     number = {key: i for i, key in enumerate(manifest["keys"])}
     keys = [record_key(r) for r in index.images]
     missing = [k for k in keys if k not in number]
@@ -418,8 +420,7 @@ def split_for_prediction(directory, split: str, *, image_size: int,
     directory = pathlib.Path(os.path.expanduser(str(directory))).absolute()
     settings = ml_collections.ConfigDict({"root": "", "image_size": int(image_size),
                                           "resize": str(resize)})
-    manifest = _read_manifest(directory, settings)
-    check_manifest(manifest, directory, settings)  # no root: the CSVs are not read
+    manifest = _checked_manifest(directory, settings)  # no root: the CSVs are not read
     numbers = [i for i, key in enumerate(manifest["keys"])
                if split == "all" or key.startswith(split + "/")]
     if not numbers:
