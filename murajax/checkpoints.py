@@ -252,13 +252,22 @@ class Checkpointer:
                 "space or fix the folder's permissions, then rerun the same command to resume."
             ) from error
 
-    def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
+    def restore(self, step: int, abstract_state, relayout=None) -> tuple[Any, dict, dict]:
         """State, loader state and progress of ``step``; CorruptCheckpointError if the state
-        differs from what was saved (checkpoints from before digests were kept are trusted)."""
+        differs from what was saved (checkpoints from before digests were kept are trusted).
+
+        ``relayout(state, like)``: ``state`` with its model variables in the layout of
+        ``like`` (a params tree; None: the model's own), for a model that stores its variables
+        in more than one layout (``models.in_layout``): the checkpoint is read in the layout
+        it was written in, then converted."""
+        target = abstract_state
+        if relayout is not None:
+            saved = self.manager.item_metadata(int(step))["state"]["params"]
+            target = relayout(abstract_state, saved)
         restored = self.manager.restore(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_on_disk(abstract_state)),
+                state=ocp.args.StandardRestore(_on_disk(target)),
                 loader=ocp.args.JsonRestore(),
                 progress=ocp.args.JsonRestore(),
             ),
@@ -267,8 +276,10 @@ class Checkpointer:
         progress.pop(_VARIABLES_DIGEST, None)
         progress.pop(_EMA_VARIABLES_DIGEST, None)
         progress.pop(_RUNNING_LOSS_DIGEST, None)
-        state = _from_disk(restored.state, abstract_state)
+        state = _from_disk(restored.state, target)
         self._check_digest(step, state, progress.pop(_DIGEST, None))
+        if relayout is not None:
+            state = relayout(state, None)
         return state, restored.loader, progress
 
     def _check_digest(self, step: int, restored, expected: str | None) -> None:
@@ -280,8 +291,10 @@ class Checkpointer:
                 "the digest saved with it (the files were damaged after writing)"
             )
 
-    def restore_latest_good(self, abstract_state) -> tuple[int, Any, dict, dict] | None:
-        """The newest checkpoint that restores; broken ones are skipped with a warning naming them.
+    def restore_latest_good(self, abstract_state,
+                            relayout=None) -> tuple[int, Any, dict, dict] | None:
+        """The newest checkpoint that restores (``relayout``: as for ``restore``); broken ones
+        are skipped with a warning naming them.
 
         Broken checkpoints newer than the one restored are moved to
         ``<workdir>/checkpoints-unreadable`` (so the run can save those steps again), unless the
@@ -290,7 +303,7 @@ class Checkpointer:
         unreadable = []
         for step in reversed(self.all_steps()):
             try:
-                restored = (step, *self.restore(step, abstract_state))
+                restored = (step, *self.restore(step, abstract_state, relayout))
             except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
                 logging.warning(
                     "checkpoint %s is unreadable (%s: %s); falling back to the previous one",

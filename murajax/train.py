@@ -221,7 +221,8 @@ def _variables_from_run(config, like: dict) -> dict:
     step = checkpoints.best_steps(source, 1)[0]
     use_ema = bool(saved.get("eval", {}).get("use_ema", False))
     variables = checkpoints.restore_variables(source, step, use_ema=use_ema)
-    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    variables = models.in_layout(train_state.model_from_config(config), {
+        "params": variables["params"], "batch_stats": variables["batch_stats"]})
     want = jax.tree_util.tree_flatten_with_path(like)[0]
     got = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
     for path, leaf in want:
@@ -304,7 +305,9 @@ def _restore_or_start(config, workdir: Path, strategy, checkpointer, model, tx, 
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             strategy.one_copy(state),
         )
-        restored = checkpointer.restore_latest_good(abstract)
+        # A checkpoint written with another config.model.block_impl resumes too.
+        restored = checkpointer.restore_latest_good(abstract, functools.partial(
+            train_state.relayout, model))
         if restored is None:
             raise UserError(f"no checkpoint in {checkpointer.directory} could be read (see the "
                             "warnings above); if they belong to another model, use another "

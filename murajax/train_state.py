@@ -71,6 +71,31 @@ class TrainState(train_state.TrainState):
         return self.replace(params=self.ema["params"], batch_stats=self.ema["batch_stats"])
 
 
+def map_variables(state: TrainState, convert) -> TrainState:
+    """``state`` with ``convert`` applied to each tree of model variables in it: params,
+    BatchNorm statistics, the EMA's, and the optimizer state's trees shaped like params
+    (Adam's moments; masked ones too). For ``models.in_layout``-style layout changes."""
+    keys = set(state.params)
+
+    def shaped_like_params(node) -> bool:
+        return isinstance(node, dict) and set(node) == keys
+
+    opt_state = jax.tree.map(lambda node: convert(node) if shaped_like_params(node) else node,
+                             state.opt_state, is_leaf=shaped_like_params)
+    ema = None if state.ema is None else {name: convert(tree) for name, tree in state.ema.items()}
+    return state.replace(params=convert(state.params), batch_stats=convert(state.batch_stats),
+                         opt_state=opt_state, ema=ema)
+
+
+def relayout(model: nn.Module, state: TrainState, like=None) -> TrainState:
+    """``state``'s model variables in the layout of ``like`` (a params tree; None: ``model``'s
+    own; ``models.in_layout``), e.g. a checkpoint's written with another block_impl."""
+    convert = getattr(model, "layout_variables", None)
+    if convert is None:
+        return state
+    return map_variables(state, lambda tree: convert(tree, like))
+
+
 def ema_decay_from_config(config: ml_collections.ConfigDict) -> float:
     """``config.ema.decay``, checked: in [0, 1) (0: no EMA), else a UserError naming the field;
     and ``config.eval.use_ema`` needs an EMA to evaluate with."""

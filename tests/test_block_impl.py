@@ -1,5 +1,7 @@
-"""``block_impl='scan'`` (``murajax.ops.dense_scan``) computes the unrolled DenseNet: the same
-variables, logits, gradients and new BatchNorm running statistics, for every remat policy.
+"""``block_impl='scan'`` (``murajax.ops.dense_scan``) computes the unrolled DenseNet: its
+variables (stacked per scan bucket) convert to the unrolled ones and back exactly, and given
+the same variables both give the same logits, gradients and new BatchNorm running statistics,
+for every remat policy; the padding's gradient is exactly zero, so training keeps it zero.
 
 Tolerances. The two layouts sum in different orders, and training-mode BatchNorm gradients
 cancel badly on a tiny model (the last blocks normalise a handful of values), so float32
@@ -11,6 +13,7 @@ stored in float32 whatever the compute dtype, so they are compared to a few floa
 Forward outputs are compared in float32 at the model's own precision.
 """
 
+import functools
 import math
 
 import jax
@@ -76,20 +79,46 @@ def test_buckets_group_layers_by_rounded_input_width():
 
 
 @pytest.mark.parametrize("name", ["densenet_tiny", "densenet169"])
-def test_scan_has_the_unrolled_variable_tree(name):
+def test_scan_variables_convert_to_the_unrolled_tree_and_back(name):
     images = jnp.zeros((1, 64, 64, 3))
-    trees = [jax.eval_shape(models.create(name, block_impl=impl).init, KEY, images)
-             for impl in ("unrolled", "scan")]
-    assert jax.tree.structure(trees[0]) == jax.tree.structure(trees[1])
-    assert jax.tree.leaves(trees[0]) == jax.tree.leaves(trees[1])
-
-
-def test_scan_initialises_the_same_values():
+    unrolled, scan = (models.create(name, block_impl=impl) for impl in ("unrolled", "scan"))
+    per_layer, stacked = (jax.eval_shape(m.init, KEY, images) for m in (unrolled, scan))
+    for want, got in ((per_layer, models.in_layout(unrolled, stacked)),
+                      (stacked, models.in_layout(scan, per_layer))):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        assert jax.tree.leaves(got) == jax.tree.leaves(want)
+    if name == "densenet169":  # 82 layers in 24 buckets: 24 stacked runs of layers
+        assert len(scan.variable_layout()) == 24
+        assert len(jax.tree.leaves(stacked["params"])) == 24 * 6 + 3 * 3 + 2 + 2 + 2 + 1
     unrolled, scan = _pair()
-    images = _images()
-    a, b = (jax.jit(m.init)(KEY, images) for m in (unrolled, scan))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    variables = _random_variables(unrolled, _images())
+    there = models.in_layout(scan, variables)
+    for x, y in zip(jax.tree.leaves(models.in_layout(unrolled, there)), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(x, y)
+    # Padding: zeros, and ones for a running variance (so that it normalises nothing to NaN).
+    run = there["batch_stats"]["conv2_block2to3"]["bottleneck"]["norm"]
+    np.testing.assert_array_equal(run["var"][0, 24:], 1.0)
+    np.testing.assert_array_equal(there["params"]["conv2_block2to3"]["bottleneck"]["conv"]
+                                  ["kernel"][0, :, :, 24:], 0.0)
+
+
+def test_scan_initialises_each_layer_at_its_own_scale_with_zero_padding():
+    unrolled, scan = _pair(growth_rate=16, bottleneck_width=4)
+    variables = jax.jit(scan.init)(KEY, _images())
+    per_layer = models.in_layout(unrolled, variables)
+    for stage, (in_features, num_layers) in scan._dense_blocks().items():
+        for layer in range(1, num_layers + 1):
+            params = per_layer["params"][f"conv{stage}_block{layer}"]
+            width = in_features + (layer - 1) * 16
+            kernel = np.asarray(params["bottleneck"]["conv"]["kernel"])
+            assert kernel.shape == (1, 1, width, 64)
+            # He-normal with the layer's own fan-in (64 x width draws: within 20%).
+            assert abs(kernel.std() / math.sqrt(2.0 / width) - 1.0) < 0.2
+            np.testing.assert_array_equal(params["bottleneck"]["norm"]["scale"], 1.0)
+    padded = traverse_util.flatten_dict(
+        models.in_layout(scan, jax.tree.map(np.asarray, per_layer)))  # padding refilled
+    for key, value in traverse_util.flatten_dict(variables).items():
+        np.testing.assert_array_equal(value, padded[key], err_msg=str(key))
 
 
 @pytest.mark.parametrize("remat", ["none", "bottleneck", "layer"])
@@ -109,7 +138,15 @@ def test_scan_gradients_and_statistics_equal_unrolled(remat):
             return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
         (_, (logits_a, stats_a)), grads_a = run(unrolled)
+        variables = models.in_layout(scan, variables)
         (_, (logits_b, stats_b)), grads_b = run(scan)
+    # The padding gets exactly zero gradient (it holds later layers' maps in the backward pass
+    # of remat's recomputation, which the mask on its scale and bias cancels).
+    for a, b in zip(jax.tree.leaves(scan.layout_variables(unrolled.layout_variables(grads_b))),
+                    jax.tree.leaves(grads_b)):
+        np.testing.assert_array_equal(a, b)
+    grads_b, stats_b = unrolled.layout_variables(grads_b), unrolled.layout_variables(stats_b)
+    variables = models.in_layout(unrolled, variables)
     np.testing.assert_allclose(logits_b, logits_a, rtol=0,
                                atol=256 * EPS64 * float(np.max(np.abs(logits_a))))
     grads_a, grads_b = traverse_util.flatten_dict(grads_a), traverse_util.flatten_dict(grads_b)
@@ -137,8 +174,9 @@ def test_scan_forward_equals_unrolled_in_float32(conv_impl):
     images = _images()
     variables = _random_variables(unrolled, images)
     for train in (False, True):
-        (a, sa), (b, sb) = (m.apply(variables, images, train=train, mutable=["batch_stats"])
-                            for m in (unrolled, scan))
+        (a, sa), (b, sb) = (m.apply(models.in_layout(m, variables), images, train=train,
+                                    mutable=["batch_stats"]) for m in (unrolled, scan))
+        sb = models.in_layout(unrolled, sb)
         # A logit sums a few hundred float32 products: a few hundred ulps of its size at most.
         np.testing.assert_allclose(b, a, rtol=0, atol=256 * EPS32 * float(np.max(np.abs(a))))
         for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
@@ -157,7 +195,8 @@ def test_densenet169_scan_forward_equals_unrolled():
         variables = _random_variables(pair[0], images)
         (logits_a, stats_a), (logits_b, stats_b) = [
             jax.jit(lambda v, m=m: m.apply(v, images, train=True, mutable=["batch_stats"]))(
-                variables) for m in pair]
+                models.in_layout(m, variables)) for m in pair]
+        stats_b = models.in_layout(pair[0], stats_b)
     # The head computes in float32 (the logits' dtype): a few float32 ulps.
     np.testing.assert_allclose(logits_b, logits_a, rtol=0,
                                atol=16 * EPS32 * float(np.max(np.abs(logits_a))))
@@ -180,3 +219,60 @@ def test_config_field_reaches_the_model_and_is_checked():
     with pytest.raises(UserError, match=r"config.model.block_impl must be one of "
                                         r"\['unrolled', 'scan'\], got 'loop'"):
         train_state.model_from_config(config)
+
+
+def _randomised(state, seed=0):
+    """``state`` with every float leaf random (Adam's moments, the EMA, the statistics too)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype)
+                        if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+
+def _comparable(leaf):
+    return jax.random.key_data(leaf) if jax.dtypes.issubdtype(
+        leaf.dtype, jax.dtypes.prng_key) else leaf
+
+
+@pytest.mark.parametrize("trainable", ["all", "head"])
+def test_a_checkpoint_restores_in_the_other_layout_bit_for_bit(tmp_path, trainable):
+    """Params, statistics, Adam's moments (masked ones with trainable='head') and the EMA of a
+    checkpoint written in one layout restore in the other, and back, exactly."""
+    from murajax import checkpoints, train_state
+    from tests import helpers
+
+    fields = {"ema.decay": 0.9, "optim.trainable": trainable}
+    configs = {impl: helpers.tiny_config(**fields, **{"model.block_impl": impl})
+               for impl in ("unrolled", "scan")}
+    model = {impl: train_state.model_from_config(c) for impl, c in configs.items()}
+    states = {impl: helpers.tiny_state(c) for impl, c in configs.items()}
+    saved = {"unrolled": _randomised(states["unrolled"], 1)}
+    saved["scan"] = train_state.relayout(model["scan"], saved["unrolled"])
+    assert set(saved["scan"].params) != set(saved["unrolled"].params)
+    for source, target in (("unrolled", "scan"), ("scan", "unrolled")):
+        checkpointer = checkpoints.Checkpointer(tmp_path / source)
+        checkpointer.save(1, saved[source], {}, {})
+        checkpointer.wait()
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                               sharding=x.sharding),
+                                states[target])
+        restored, _, _ = checkpointer.restore(
+            1, abstract, functools.partial(train_state.relayout, model[target]))
+        checkpointer.close()
+        assert jax.tree.structure(restored) == jax.tree.structure(states[target])
+        helpers.assert_same_tree(*(jax.tree.map(_comparable, s)
+                                   for s in (restored, saved[target])))
+
+
+def test_a_run_resumes_in_the_other_layout_and_predicts_from_it(tmp_path):
+    from murajax import synthetic, train
+    from murajax.inference import predictor
+    from tests import helpers
+
+    root = synthetic.generate(tmp_path / "data", num_studies=24, seed=3)
+    config = functools.partial(helpers.run_config, root, checkpoint_every_steps=4)
+    first = train.train_and_evaluate(config(stop_after_steps=3), tmp_path / "run")
+    assert first["preempted"]
+    final = train.train_and_evaluate(config(**{"model.block_impl": "scan"}), tmp_path / "run")
+    assert not final["preempted"] and np.isfinite(final["val_loss"])
+    member = predictor.Predictor.from_workdir(tmp_path / "run").variables[0]
+    assert "conv2_block1to2" in member["params"]  # the run's layout now: scan

@@ -172,6 +172,17 @@ def test_every_backbone_leaf_loaded_and_head_kept(keras_run, shapes169):
             np.testing.assert_array_equal(value, f[name][f"{name}/{keras_leaf}"][()])
 
 
+def test_weights_import_into_the_scan_layout(keras_run, loaded):
+    """``block_impl='scan'`` stores its layers stacked per bucket: the registered importer
+    converts, so the scan model gets exactly the unrolled import, stacked (the two layouts'
+    outputs from the same variables: tests/test_block_impl.py)."""
+    scan = models.densenet169(block_impl="scan")
+    out = models.get("densenet169").load_weights(keras_run["legacy"], _zeros(_shapes(scan)),
+                                                 model=scan)
+    assert "conv4_block1to1" in out["params"] and "conv4_block1" not in out["params"]
+    _assert_same(out, models.in_layout(scan, loaded))
+
+
 def test_keras2_slash_names_load_identically(keras_run, loaded, shapes169, tmp_path):
     keras2 = tmp_path / "densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5"
     stem = {"conv1_conv": "conv1/conv", "conv1_bn": "conv1/bn", "conv1_relu": "conv1/relu"}

@@ -149,7 +149,7 @@ class Predictor:
         in ``.steps`` (so callers need not ask ``checkpoints.best_steps`` again). ``use_ema``
         (default ``config.eval.use_ema``, False for runs from before it existed): each member is
         its checkpoint's EMA weights (a UserError if the run kept no EMA)."""
-        from murajax import checkpoints, train_state
+        from murajax import checkpoints, models, train_state
 
         config = checkpoints.load_run_config(workdir)
         if top_k is None:
@@ -165,9 +165,12 @@ class Predictor:
             use_ema = bool(config.eval.get("use_ema", False))
         variables = [checkpoints.restore_variables(workdir, step, use_ema=True) if use_ema
                      else checkpoints.restore_variables(workdir, step) for step in steps]
+        model = train_state.model_from_config(config)
         predictor = cls(
-            train_state.model_from_config(config),
-            variables,
+            model,
+            # Each in the model's layout: a run resumed with another block_impl keeps
+            # checkpoints of both.
+            [models.in_layout(model, v) for v in variables],
             image_size=int(config.data.image_size),
             resize=str(config.data.resize),
             threshold=float(config.eval.threshold if threshold is None else threshold),

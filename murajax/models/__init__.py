@@ -14,7 +14,8 @@ line below.
 """
 
 from murajax.models.registry import (CONV_IMPLS, REMAT_POLICIES, Backbone, conv_module, create,
-                                     get, names, register, resolve_conv_impl, resolve_remat)
+                                     get, in_layout, names, register, resolve_conv_impl,
+                                     resolve_remat)
 
 # Backbones: importing a module registers its variants.
 from murajax.models import densenet  # noqa: E402  (densenet121/161/169/201, densenet_tiny)
@@ -26,6 +27,6 @@ from murajax.models.densenet import (BN_MOMENTUM, KERAS_BN_EPSILON, DenseNet,  #
 __all__ = [
     "BN_MOMENTUM", "Backbone", "CONV_IMPLS", "DenseNet", "KERAS_BN_EPSILON", "REMAT_POLICIES",
     "conv_module", "create", "densenet", "densenet121", "densenet161", "densenet169",
-    "densenet201", "densenet_tiny", "get", "names", "register", "resolve_conv_impl",
+    "densenet201", "densenet_tiny", "get", "in_layout", "names", "register", "resolve_conv_impl",
     "resolve_remat",
 ]

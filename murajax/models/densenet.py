@@ -34,6 +34,7 @@ build a ``DenseNet``.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -52,6 +53,7 @@ BN_MOMENTUM = 0.9  # running averages: ra = 0.9 ra + 0.1 batch (Keras's 0.99 is 
 _KERNEL_INIT = nn.initializers.kaiming_normal()
 _REMAT = ("none", "bottleneck", "layer")
 _BLOCK_IMPLS = ("unrolled", "scan")
+_LAYER_RUN = re.compile(r"conv(\d+)_block(\d+)to(\d+)")  # block_impl='scan': stacked layers
 
 
 def _kernel_init(module: nn.Module, init=_KERNEL_INIT):
@@ -115,97 +117,101 @@ class Transition(nn.Module):
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-class _NormVariables(nn.Module):
-    """The variables of one ``norm`` (``BatchNormReLU``'s names, shapes and initialisers),
-    returned as values; ``update`` (new running mean and variance) is written back."""
+class _StackedNorm(nn.Module):
+    """The BatchNorm variables (``BatchNormReLU``'s names) of a run of layers, stacked:
+    ``[layers, features]``; ``mask`` [layers, features] (1: a real channel, 0: padding) is the
+    initial scale. Returns them as values; ``update`` (new running mean and variance) is
+    written back instead."""
 
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, features: int, update=None) -> dict[str, jnp.ndarray]:
-        mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
-                             (features,))
-        var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
-                            (features,))
-        if update is not None:  # the params are not touched again: flax traces their init
+    def __call__(self, mask: np.ndarray, update=None) -> dict[str, jnp.ndarray] | None:
+        shape = mask.shape
+        mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
+        var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+        if update is not None:
             mean.value, var.value = update
             return None
-        scale = ops.params.param(self, "scale", nn.initializers.ones, (features,),
-                                 self.param_dtype)
-        bias = ops.params.param(self, "bias", nn.initializers.zeros, (features,),
-                                self.param_dtype)
+        scale = ops.params.param(self, "scale", lambda key, s, dtype: jnp.asarray(mask, dtype),
+                                 shape, self.param_dtype)
+        bias = ops.params.param(self, "bias", nn.initializers.zeros, shape, self.param_dtype)
         return {"scale": scale, "bias": bias, "mean": mean.value, "var": var.value}
 
 
-class _KernelVariable(nn.Module):
-    """A bias-free convolution's ``kernel``, as ``nn.Conv`` and ``ops.MatmulConv`` own it."""
+class _StackedKernel(nn.Module):
+    """The bias-free convolution kernels of a run of layers, stacked: ``[layers, *shape]``,
+    each drawn at its layer's own shape (``in_channels[i]`` input channels, so the He-normal
+    scale is the layer's) and zero-padded to ``shape``."""
 
     shape: tuple[int, ...]
+    in_channels: tuple[int, ...]
     param_dtype: Any
 
     @nn.compact
     def __call__(self) -> jnp.ndarray:
-        return ops.params.param(self, "kernel", _KERNEL_INIT, self.shape, self.param_dtype)
+        *window, width, features = self.shape
+
+        def init(key, shape, dtype):
+            keys = jax.random.split(key, len(self.in_channels))
+            return jnp.stack([
+                jnp.pad(_KERNEL_INIT(k, (*window, n, features), dtype),
+                        [(0, 0)] * len(window) + [(0, width - n), (0, 0)])
+                for k, n in zip(keys, self.in_channels)])
+
+        return ops.params.param(self, "kernel", init, (len(self.in_channels), *self.shape),
+                                self.param_dtype)
 
 
-class _BottleneckVariables(nn.Module):
-    in_features: int
+class _StackedBottleneck(nn.Module):
+    """``Bottleneck``'s variables (``norm``, ``conv``) for a run of layers, stacked."""
+
+    width: int
+    in_channels: tuple[int, ...]
     features: int
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, update=None):
-        norm = _NormVariables(self.param_dtype, name="norm")(self.in_features, update)
+    def __call__(self, mask: np.ndarray, update=None):
+        norm = _StackedNorm(self.param_dtype, name="norm")(mask, update)
         if update is not None:
             return None
-        kernel = _KernelVariable((1, 1, self.in_features, self.features), self.param_dtype,
-                                 name="conv")()
+        kernel = _StackedKernel((1, 1, self.width, self.features), self.in_channels,
+                                self.param_dtype, name="conv")()
         return norm, kernel
 
 
-class _DenseLayerVariables(nn.Module):
-    """``DenseLayer``'s variables under its names, for ``block_impl='scan'`` (which computes
-    the layers itself): ``{"norm1", "kernel1", "norm2", "kernel2"}``; ``updates`` (the two
-    norms' new running statistics) are written back."""
+class _StackedLayers(nn.Module):
+    """The variables of the dense layers of one scan bucket (``block_impl='scan'``), stacked
+    on a leading axis under ``DenseLayer``'s own sub-names (``bottleneck/norm``,
+    ``bottleneck/conv``, ``norm``, ``conv``), the bottleneck's input padded to ``width``.
+    Returns ``{"norm1", "kernel1", "norm2", "kernel2", "mask"}`` (``mask``: [layers, width],
+    1 on each layer's real input channels); ``updates`` (the two norms' new running
+    statistics) are written back instead."""
 
-    in_features: int
+    width: int
+    in_channels: tuple[int, ...]  # each layer's real input width
     growth_rate: int
     bottleneck_features: int
     param_dtype: Any
 
     @nn.compact
     def __call__(self, updates=None) -> dict[str, Any] | None:
-        bottleneck = _BottleneckVariables(self.in_features, self.bottleneck_features,
-                                          self.param_dtype, name="bottleneck")
-        norm = _NormVariables(self.param_dtype, name="norm")
+        mask = (np.arange(self.width) < np.asarray(self.in_channels)[:, None]).astype(np.float32)
+        full = np.ones((len(self.in_channels), self.bottleneck_features), np.float32)
+        bottleneck = _StackedBottleneck(self.width, self.in_channels, self.bottleneck_features,
+                                        self.param_dtype, name="bottleneck")
+        norm = _StackedNorm(self.param_dtype, name="norm")
         if updates is not None:
-            bottleneck(updates[0])
-            norm(self.bottleneck_features, updates[1])
+            bottleneck(mask, updates[0])
+            norm(full, updates[1])
             return None
-        norm1, kernel1 = bottleneck()
-        norm2 = norm(self.bottleneck_features)
-        kernel2 = _KernelVariable((3, 3, self.bottleneck_features, self.growth_rate),
-                                  self.param_dtype, name="conv")()
-        return {"norm1": norm1, "kernel1": kernel1, "norm2": norm2, "kernel2": kernel2}
-
-
-def _pad_to(layer: dict[str, Any], width: int) -> dict[str, Any]:
-    """A layer's variables with its first norm and 1x1 kernel padded to ``width`` input
-    channels: zero scale and bias make the padded channels give 0 (``ops.dense_scan``)."""
-    extra = width - layer["kernel1"].shape[2]
-
-    def pad(value, axis, fill=0.0):  # lax, not jnp: tracing 82 layers' worth adds up
-        config = [(0, 0, 0)] * value.ndim
-        config[axis] = (0, extra, 0)
-        return jax.lax.pad(value, np.asarray(fill, value.dtype), config)
-
-    norm1 = {name: pad(value, 0, 1.0 if name == "var" else 0.0)
-             for name, value in layer["norm1"].items()}
-    return {**layer, "norm1": norm1, "kernel1": pad(layer["kernel1"], 2)}
-
-
-def _stack(*leaves):
-    return jax.lax.concatenate([jax.lax.expand_dims(leaf, (0,)) for leaf in leaves], 0)
+        norm1, kernel1 = bottleneck(mask)
+        kernel2 = _StackedKernel((3, 3, self.bottleneck_features, self.growth_rate),
+                                 (self.bottleneck_features,) * len(self.in_channels),
+                                 self.param_dtype, name="conv")()
+        return {"norm1": norm1, "kernel1": kernel1, "norm2": norm(full), "kernel2": kernel2,
+                "mask": jnp.asarray(mask, self.param_dtype)}
 
 
 def _apply_norm(norm: ModuleDef, variables, x, train: bool):
@@ -221,6 +227,45 @@ def _apply_norm(norm: ModuleDef, variables, x, train: bool):
 
 def _apply_conv(conv: ModuleDef, kernel, x):
     return conv(kernel.shape[-1], parent=None).apply({"params": {"kernel": kernel}}, x)
+
+
+def _padded_axis(path) -> int | None:
+    """The axis of a layer's variable that a scan bucket pads (its input channels): the
+    bottleneck's norm vectors and 1x1 kernel; None for the rest."""
+    keys = [getattr(entry, "key", None) for entry in path]
+    if keys[:2] == ["bottleneck", "norm"]:
+        return 0
+    if keys[:2] == ["bottleneck", "conv"]:
+        return 2
+    return None
+
+
+def _layout_of(tree: dict) -> dict[str, int]:
+    """``variable_layout()`` of the model whose variables ``tree`` holds (one collection)."""
+    layout = {}
+    for name, value in tree.items():
+        if _LAYER_RUN.fullmatch(name):
+            vectors = jax.tree.leaves(value["bottleneck"]["norm"])  # [layers, width] each
+            layout[name] = int(vectors[0].shape[-1]) if vectors else None
+    return layout
+
+
+def _stack_layers(path, leaves, width):
+    """One variable of several layers, padded to ``width`` where buckets pad it, stacked."""
+    axis = _padded_axis(path)
+    if axis is not None:
+        fill = 1.0 if getattr(path[-1], "key", None) == "var" else 0.0
+        leaves = [jnp.pad(leaf, [(0, width - leaf.shape[axis]) if a == axis else (0, 0)
+                                 for a in range(leaf.ndim)], constant_values=fill)
+                  for leaf in leaves]
+    return jnp.stack(leaves)
+
+
+def _unstack_layer(path, leaf, index, width):
+    """Layer ``index``'s own variable out of a stacked one, its padding cut off."""
+    leaf = leaf[index]
+    axis = _padded_axis(path)
+    return leaf if axis is None else jax.lax.slice_in_dim(leaf, 0, width, axis=axis)
 
 
 class DenseNet(nn.Module):
@@ -325,27 +370,95 @@ class DenseNet(nn.Module):
             return logits, features
         return logits
 
+    # -- variable layouts: each dense layer's own variables, or stacked per scan bucket ------
+
+    def variable_layout(self) -> dict[str, int]:
+        """How this model stores its dense layers: ``{}`` per layer (``'unrolled'``), else
+        ``{"conv{B}_block{first}to{last}": padded input width}`` for each scan bucket."""
+        if self.block_impl != "scan":
+            return {}
+        layout = {}
+        for stage, (in_features, num_layers) in self._dense_blocks().items():
+            first = 1
+            for bucket in ops.dense_scan.buckets(in_features, num_layers, self.growth_rate,
+                                                 self.scan_bucket):
+                last = first + len(bucket.offsets) - 1
+                layout[f"conv{stage}_block{first}to{last}"] = bucket.width
+                first = last + 1
+        return layout
+
+    def layout_variables(self, tree: dict, like: dict | None = None) -> dict:
+        """``tree`` (one collection of this architecture's variables, or anything shaped like
+        one: Adam's moments, gradients; real or abstract arrays) in the layout ``like`` is in
+        (default: this model's own; ``{}``: one entry per layer, as in weight files), whatever
+        layout ``tree`` is in now. Stacking pads with zeros (ones for a running variance)."""
+        leaves = jax.tree.leaves(tree)
+        if leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
+            sharding = leaves[0].sharding  # one model's variables share one (replicated)
+            shapes = jax.eval_shape(lambda t: self.layout_variables(t, like), tree)
+            return jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+        layout = self.variable_layout() if like is None else _layout_of(like)
+        now = _layout_of(tree)
+        if now.keys() == layout.keys() and all(now[k] in (None, w) for k, w in layout.items()):
+            return tree  # already there (None: a masked optimizer state's empty entries)
+        tree = self._per_layer(tree)
+        for name, width in layout.items():
+            stage, first, last = map(int, _LAYER_RUN.fullmatch(name).groups())
+            names = [f"conv{stage}_block{layer}" for layer in range(first, last + 1)]
+            if names[0] in tree:
+                group = [tree.pop(layer) for layer in names]
+                tree[name] = jax.tree_util.tree_map_with_path(
+                    lambda path, *leaves, width=width: _stack_layers(path, leaves, width), *group)
+        return tree
+
+    def _per_layer(self, tree: dict) -> dict:
+        """``tree`` with its stacked layer runs split into one entry per layer."""
+        inputs = {stage: c0 for stage, (c0, _) in self._dense_blocks().items()}
+        out = {}
+        for name, value in tree.items():
+            run = _LAYER_RUN.fullmatch(name)
+            if run is None:
+                out[name] = value
+                continue
+            stage, first, last = map(int, run.groups())
+            for index, layer in enumerate(range(first, last + 1)):
+                width = inputs[stage] + (layer - 1) * self.growth_rate
+                out[f"conv{stage}_block{layer}"] = jax.tree_util.tree_map_with_path(
+                    lambda path, leaf, i=index, w=width: _unstack_layer(path, leaf, i, w), value)
+        return out
+
+    def _dense_blocks(self) -> dict[int, tuple[int, int]]:
+        """Keras stage number -> (the dense block's input width, its number of layers)."""
+        blocks, features = {}, self.initial_features
+        for block, num_layers in enumerate(self.block_sizes):
+            blocks[block + 2] = (features, num_layers)
+            features += num_layers * self.growth_rate
+            if block != len(self.block_sizes) - 1:
+                features = int(features * self.compression)
+        return blocks
+
     def _scan_block(self, x, stage, num_layers, conv1x1, conv3x3, norm, train):
         """One dense block as ``ops.dense_scan.dense_block`` (``block_impl='scan'``): the
         concatenation of ``x`` and the layers' maps, with the same variables as the unrolled
         block (running statistics written back layer by layer)."""
         growth, in_features = self.growth_rate, x.shape[-1]
         bottleneck = self.bottleneck_width * growth
-        layers = [
-            _DenseLayerVariables(in_features + layer * growth, growth, bottleneck,
-                                 self.param_dtype, name=f"conv{stage}_block{layer + 1}")
-            for layer in range(num_layers)
-        ]
-        values = [layer() for layer in layers]
         layout = ops.dense_scan.buckets(in_features, num_layers, growth, self.scan_bucket)
-        stacked, start = [], 0
+        layers, first = [], 1
         for bucket in layout:
-            group = [_pad_to(v, bucket.width) for v in values[start:start + len(bucket.offsets)]]
-            stacked.append(jax.tree.map(_stack, *group))
-            start += len(bucket.offsets)
+            last = first + len(bucket.offsets) - 1
+            layers.append(_StackedLayers(bucket.width, bucket.offsets, growth, bottleneck,
+                                         self.param_dtype, name=f"conv{stage}_block{first}to{last}"))
+            first = last + 1
+        stacked = [layer() for layer in layers]
 
         def part_a(h, p):  # BN -> ReLU -> 1x1 conv over the bucket's width
-            h, stats = _apply_norm(norm, p["norm1"], h, train)
+            # The mask keeps the padding's scale and bias at exactly 0 and their gradient
+            # too (ops.dense_scan: in the backward pass the padding holds later layers' maps).
+            norm1 = {**p["norm1"], "scale": p["norm1"]["scale"] * p["mask"],
+                     "bias": p["norm1"]["bias"] * p["mask"]}
+            h, stats = _apply_norm(norm, norm1, h, train)
             return _apply_conv(conv1x1, p["kernel1"], h), stats
 
         def part_b(h, p):  # BN -> ReLU -> 3x3 conv: the layer's growth_rate new maps
@@ -358,15 +471,8 @@ class DenseNet(nn.Module):
             recompute_part_a_output=self.remat == "layer",
         )
         if train and not self.is_initializing():
-            start = 0
-            for bucket, ((mean1, var1), (mean2, var2)) in zip(layout, stats):
-                for j, offset in enumerate(bucket.offsets):
-                    row = functools.partial(jax.lax.index_in_dim, index=j, keepdims=False)
-                    first = functools.partial(jax.lax.slice_in_dim, start_index=0,
-                                              limit_index=offset)
-                    layers[start + j](((first(row(mean1)), first(row(var1))),
-                                       (row(mean2), row(var2))))
-                start += len(bucket.offsets)
+            for layer, bucket_stats in zip(layers, stats):
+                layer(bucket_stats)
         return buffer
 
 
@@ -400,10 +506,14 @@ densenet_tiny = _variant("densenet_tiny", block_sizes=(2, 2, 2, 2), growth_rate=
 
 def load_keras_weights(path, variables, *, model=None):
     """The DenseNets' weight importer: ``murajax.pretrained.load_keras_weights`` (imported
-    when used: it needs h5py, and imports this module)."""
+    when used: it needs h5py, and imports this module), on the variables one entry per layer
+    (Keras's layout) and back in ``model``'s."""
     from murajax import pretrained
 
-    return pretrained.load_keras_weights(path, variables, model=model)
+    if model is None:
+        return pretrained.load_keras_weights(path, variables)
+    per_layer = registry.in_layout(model, dict(variables), like={})
+    return registry.in_layout(model, pretrained.load_keras_weights(path, per_layer, model=model))
 
 
 for _build in (densenet121, densenet161, densenet169, densenet201, densenet_tiny):

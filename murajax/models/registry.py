@@ -14,6 +14,12 @@ in ``murajax/models/__init__.py``. Nothing else changes for a new backbone.
 * ``load_weights(path, variables, *, model)`` (optional) returns ``variables`` with the
   backbone taken from a weight file (the Keras HDF5 importer for the DenseNets); it raises a
   UserError for a file or a model setting that does not fit.
+* ``model.layout_variables(tree, like=None)`` (optional): a backbone whose settings change
+  how it *stores* its variables (the DenseNets' ``block_impl='scan'`` stacks the layers of a
+  scan) converts one collection of them, or any tree shaped like one, from whatever layout
+  it is in to the layout of ``like`` (a collection; default: the model's own; ``{}``: one
+  entry per layer, the layout of weight files). ``in_layout`` applies it, so that weight
+  files import and a checkpoint written in one layout restores in another.
 
 ``'auto'`` settings are resolved against JAX's default backend here and nowhere else:
 ``resolve_conv_impl`` ('matmul' on CPU, 'xla' elsewhere) and ``resolve_remat`` ('bottleneck'
@@ -42,11 +48,11 @@ CONV_IMPLS = ("auto", "matmul", "xla")
 # streams and faults in less scratch memory every step), 'none' elsewhere.
 # docs/performance.md has their memory and time.
 REMAT_POLICIES = ("auto", "none", "bottleneck", "layer")
-# How a dense block's layers are laid out (speed only: the same parameters and results):
-# 'unrolled', one program section per layer, or 'scan', layers grouped by input width rounded
-# up to 128 channels and run as lax.scan loops (murajax.ops.dense_scan): fewer distinct
-# kernels, 30-40% less compile and half the cached relaunch on CPU, for 7-18% more CPU time
-# a step (docs/performance.md, "Compile time").
+# How a dense block's layers are laid out (speed only: the same results from the same
+# variables): 'unrolled', one program section per layer, or 'scan', layers grouped by input
+# width rounded up to 128 channels and run as lax.scan loops (murajax.ops.dense_scan), their
+# variables stored stacked per group: a third of the compile on CPU (docs/performance.md,
+# "Compile time"). Checkpoints and weight files convert between the two (in_layout).
 BLOCK_IMPLS = ("unrolled", "scan")
 
 
@@ -89,6 +95,16 @@ def get(name: str) -> Backbone:
 def create(name: str, **overrides) -> nn.Module:
     """The model ``name`` built by its registered constructor with ``overrides``."""
     return get(name).build(**overrides)
+
+
+def in_layout(model: nn.Module, variables: dict, like: dict | None = None) -> dict:
+    """``variables`` (``{collection: tree}``, real or abstract arrays) in ``model``'s variable
+    layout, or in the layout of ``like`` (a collection; ``{}``: one entry per layer);
+    unchanged for a backbone with a single layout (no ``layout_variables``)."""
+    convert = getattr(model, "layout_variables", None)
+    if convert is None:
+        return variables
+    return {name: convert(tree, like) for name, tree in variables.items()}
 
 
 def _resolve(field: str, value, choices, on_cpu: str, elsewhere: str, also: str = "") -> str:
