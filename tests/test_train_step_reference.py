@@ -7,7 +7,8 @@ variance, running averages with the model's momentum), ``lax.reduce_window`` poo
 ``jnp.concatenate`` dense connectivity; the loss is the paper's weighted binary cross-entropy
 written out, averaged over unmasked examples; the update is a plain ``optax.adam`` step. One
 ``train_step`` of the real (jitted, sharded) step must give the same loss, the same new params,
-BatchNorm statistics and Adam moments.
+BatchNorm statistics and Adam moments; for ``block_impl='scan'`` too, whose stacked state is
+compared in the per-layer layout (``train_state.relayout``).
 
 Tolerances (float32 on CPU; the two programs sum in different orders):
 * loss: relative 1e-5;
@@ -30,7 +31,7 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from murajax import parallel
+from murajax import parallel, train_state
 from murajax.train_state import TrainState
 from tests import helpers
 
@@ -131,20 +132,25 @@ def plain_step(model, state: TrainState, batch):
 # The comparison.
 
 
-@pytest.fixture(scope="module")
-def both_steps():
-    config = helpers.tiny_config(**{"optim.learning_rate": LEARNING_RATE})
+@pytest.fixture(scope="module", params=["unrolled", "scan"])
+def both_steps(request):
+    """The plain step on the per-layer variables, and the real step of ``block_impl``, whose
+    new state is compared in the per-layer layout (``scan`` stores its layers stacked)."""
+    config = helpers.tiny_config(**{"optim.learning_rate": LEARNING_RATE,
+                                    "model.block_impl": request.param})
     state = helpers.tiny_state(config)
     model = state.apply_fn.__self__
     batch = helpers.random_batch(8, seed=3, masked=(5,))
     batch["study_type"][2] = -1  # unknown type: weight 1
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
-    plain = jax.jit(lambda s, b: plain_step(model, s, b))(state, batch)
+    per_layer = train_state.relayout(model, state, like={})
+    plain = jax.jit(lambda s, b: plain_step(model, s, b))(per_layer, batch)
 
     strategy = parallel.JitStrategy()
     new_state, metrics = strategy.train_step(strategy.place_state(state),
                                              strategy.shard_batch(batch))
+    new_state = train_state.relayout(model, jax.device_get(new_state), like={})
     return plain, jax.device_get(new_state), jax.device_get(metrics)
 
 

@@ -26,10 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
     # 'matmul' or 'xla'. Speed only: the parameters and results are the same.
     config.model.conv_impl = "auto"
     # How dense blocks are laid out: 'unrolled' (one program section per layer) or 'scan'
-    # (layers of similar width share one lax.scan loop). Measured on 2 CPU cores, DenseNet-169
-    # at 224: 'scan' compiles in 30-40% less time (53 vs 73 s) and relaunches from the
-    # persistent cache in half (9.7 vs 18.9 s), for 7-18% more CPU time a step. Speed only:
-    # the same parameters, results equal to rounding. docs/performance.md, "Compile time".
+    # (layers of similar width share one lax.scan loop, their variables stored stacked).
+    # Measured on 2 CPU cores, DenseNet-169 at 224: 'scan' compiles in 16-18 s instead of
+    # 44-53 s and relaunches from the persistent cache in 3.7 s instead of 18-19 s, for a
+    # train step 1-5% slower. Results equal to rounding from the same variables; checkpoints
+    # and Keras weights convert between the two. docs/performance.md, "Issue 15, third pass".
     config.model.block_impl = "unrolled"
     config.model.bn_epsilon = 1.001e-5  # Keras's value: required when init_from is a Keras file
 

@@ -13,6 +13,7 @@ Submodule names, which the weight importer and checkpoints rely on:
     pool{B}/{norm,conv}                       Keras pool{B}_bn, pool{B}_conv
     final_bn                                  Keras bn
     head                                      (ours: num_outputs units)
+    conv{B}_block{F}to{L}/...                 block_impl='scan': layers F..L stacked (below)
 
 ``DenseNet`` takes its convolution and normalisation as module factories, configured once in
 ``__call__`` and passed into the blocks (the pattern of flax's examples/imagenet): ``conv`` has
@@ -22,9 +23,15 @@ with ``nn.BatchNorm``'s arguments (``murajax.ops.BatchNormReLU``). Either choice
 parameters under the same names, so it changes speed only.
 
 ``block_impl='scan'`` computes each dense block with ``murajax.ops.dense_scan`` (layers of
-similar input width as one ``lax.scan``, for a shorter compile) instead of layer by layer; the
-variables are declared under the same names by ``_DenseLayerVariables`` and padded to each
-bucket's width at apply time, so the parameter tree does not depend on the layout.
+similar input width as one ``lax.scan``, for a shorter compile) instead of layer by layer, and
+stores the variables of each scan's layers stacked, as the scan reads them:
+``conv{B}_block{first}to{last}/...`` under the same sub-names with a leading layer axis, the
+bottleneck's input channels zero-padded to the bucket's width. So the train step holds no
+per-layer stacking or slicing, and Adam updates 24 x 6 stacked leaves instead of 82 x 6
+(DenseNet-169).
+``DenseNet.layout_variables`` converts any collection between the layouts exactly (the padding
+is zeros, ones for a running variance): the Keras importer works on the per-layer layout, and
+checkpoints restore in either (``models.in_layout``, ``train_state.relayout``).
 
 The variants (``densenet121`` ... ``densenet_tiny``) are the constructors registered in
 ``murajax.models.registry``: they resolve ``conv_impl`` and ``remat`` ('auto' included) once and
@@ -281,7 +288,8 @@ class DenseNet(nn.Module):
     ``bn_axis_name`` (set under pmap so BatchNorm averages over devices). ``remat``: 'none',
     'bottleneck' or 'layer' (resolved; the variants accept 'auto' and booleans).
     ``block_impl``: 'unrolled' or 'scan' (``murajax.ops.dense_scan``, layers grouped by input
-    width rounded up to ``scan_bucket`` channels); the same variables and results either way.
+    width rounded up to ``scan_bucket`` channels, their variables stacked per group); the same
+    results from the same variables (``layout_variables`` converts them).
     """
 
     block_sizes: Sequence[int] = (6, 12, 32, 32)
@@ -440,8 +448,8 @@ class DenseNet(nn.Module):
 
     def _scan_block(self, x, stage, num_layers, conv1x1, conv3x3, norm, train):
         """One dense block as ``ops.dense_scan.dense_block`` (``block_impl='scan'``): the
-        concatenation of ``x`` and the layers' maps, with the same variables as the unrolled
-        block (running statistics written back layer by layer)."""
+        concatenation of ``x`` and the layers' maps, from each bucket's stacked variables
+        (``_StackedLayers``; running statistics written back stacked)."""
         growth, in_features = self.growth_rate, x.shape[-1]
         bottleneck = self.bottleneck_width * growth
         layout = ops.dense_scan.buckets(in_features, num_layers, growth, self.scan_bucket)

@@ -51,8 +51,9 @@ REMAT_POLICIES = ("auto", "none", "bottleneck", "layer")
 # How a dense block's layers are laid out (speed only: the same results from the same
 # variables): 'unrolled', one program section per layer, or 'scan', layers grouped by input
 # width rounded up to 128 channels and run as lax.scan loops (murajax.ops.dense_scan), their
-# variables stored stacked per group: a third of the compile on CPU (docs/performance.md,
-# "Compile time"). Checkpoints and weight files convert between the two (in_layout).
+# variables stored stacked per group: a third of the compile on CPU, a step 1-5% slower
+# (docs/performance.md, "Issue 15, third pass"). Checkpoints and weight files convert between
+# the two (in_layout).
 BLOCK_IMPLS = ("unrolled", "scan")
 
 

@@ -11,10 +11,11 @@ bucket share every shape and run as one scan over their stacked, zero-padded par
 
 Why padding changes nothing: a layer's first function (``part_a``, BatchNorm + ReLU then a
 1x1 convolution in the DenseNet) sees, beyond its real input channels, zeros in the forward
-pass and later layers' maps in the backward pass; the caller pads that BatchNorm's scale and
-bias with zeros (and the 1x1 kernel's input rows), so those channels give exactly 0 and get a
-zero gradient either way. BatchNorm statistics are per channel, so the padded channels' own
-statistics never touch the real ones (the caller slices them off).
+pass and later layers' maps in the backward pass; the caller zeroes that BatchNorm's scale and
+bias there (the DenseNet multiplies them by a 0/1 mask, which also zeroes their gradient), so
+those channels give exactly 0, and the 1x1 kernel's padded input rows get zero gradient.
+BatchNorm statistics are per channel, so the padded channels' own statistics never touch the
+real ones.
 
 The same fact makes remat cheap: in the backward pass every layer's input is the *final*
 buffer's first ``width`` channels, so ``custom_vjp`` keeps that one buffer (plus, unless
@@ -87,7 +88,7 @@ def dense_block(x0, params: Sequence[Any], layout: Sequence[Bucket], growth: int
     """A dense block computed bucket by bucket: returns ``(buffer, aux)``.
 
     ``x0`` [..., c0]: the block's input; ``params[i]``: bucket ``i``'s layer parameters,
-    stacked on a leading axis (one entry per offset) and padded to its width by the caller;
+    stacked on a leading axis (one entry per offset) and padded to its width;
     ``layout``: ``buckets(...)``. ``buffer`` [..., c0 + layers * growth] equals the
     concatenation of ``x0`` and every layer's output; ``aux[i]`` is ``(aux_a, aux_b)``
     stacked over bucket ``i``'s layers (the BatchNorm running statistics, say). ``aux`` gets
