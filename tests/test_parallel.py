@@ -65,10 +65,12 @@ def _relative(a, b):
     return np.linalg.norm(_flat(a) - _flat(b)) / np.linalg.norm(_flat(b))
 
 
-@pytest.fixture(scope="module")
-def layouts():
+@pytest.fixture(scope="module", params=["unrolled", "scan"])
+def layouts(request):
+    """Both block layouts: 'scan''s BatchNorm statistics are reduced across devices inside
+    its loops."""
     assert jax.device_count() == 4, "conftest should give 4 CPU devices"
-    config = helpers.tiny_config()
+    config = helpers.tiny_config(**{"model.block_impl": request.param})
     batch = helpers.random_batch(GLOBAL_BATCH, seed=0, masked=(5,))
     return config, {
         "one device": _run_jit(config, batch, jax.devices()[:1]),
