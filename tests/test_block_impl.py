@@ -276,3 +276,7 @@ def test_a_run_resumes_in_the_other_layout_and_predicts_from_it(tmp_path):
     assert not final["preempted"] and np.isfinite(final["val_loss"])
     member = predictor.Predictor.from_workdir(tmp_path / "run").variables[0]
     assert "conv2_block1to2" in member["params"]  # the run's layout now: scan
+    # And a new unrolled run starts from that scan checkpoint (config.init_from).
+    started = train.train_and_evaluate(config(init_from=str(tmp_path / "run"),
+                                              stop_after_steps=1), tmp_path / "fine-tune")
+    assert started["step"] == 1
