@@ -54,10 +54,14 @@ class DataSplits:
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: Path, task) -> DataSplits:
-    """Resolves ``config.data.root`` (generating synthetic MURA if asked) and reads both
-    splits as ``task`` defines them."""
+    """Resolves ``config.data.root`` (the image cache's copies of the CSVs when it is empty and
+    ``config.data.cache`` is set, else synthetic MURA if asked) and reads both splits as
+    ``task`` defines them."""
     data_config = config.data
-    if not data_config.root:
+    from_cache = not data_config.root and bool(data_config.get("cache", ""))
+    if from_cache:
+        root = mura.csv_source(data_config)[0]  # the UserError for a cache without them
+    elif not data_config.root:
         if data_config.synthetic_studies <= 0:
             raise UserError(
                 "config.data.root is empty: set --config.data.root=/path/to/MURA-v1.1, or "
@@ -74,7 +78,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path, task) -> Data
             multihost_utils.sync_global_devices("synthetic data written")
         with data_config.unlocked():
             data_config.root = str(root)
-    root = Path(data_config.root)
+    root = Path(root if from_cache else data_config.root)
     splits = DataSplits(
         root=root,
         train=task.read_split(data_config, "train"),

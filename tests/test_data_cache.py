@@ -1,6 +1,7 @@
 """The image cache (murajax/data/cache.py) and config.data.num_workers='auto': the cached pixels
 are the decoded and resized PNGs; mismatched caches are refused; a build killed with SIGKILL
-and rerun writes the same bytes; training and evaluating from it repeat and resume exactly."""
+and rerun writes the same bytes; training and evaluating from it repeat and resume exactly, and
+need no data.root (the cache holds copies of the CSVs)."""
 
 import json
 import os
@@ -47,7 +48,9 @@ def _channels_first(pixels):
 
 
 def _files(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """Every file under ``folder`` (the shards, the manifest, the CSV copies) -> its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
 
 
 def test_cached_pixels_are_the_decoded_and_resized_images(mura_root, built):
@@ -303,3 +306,120 @@ def test_predict_from_the_cache_equals_predicting_the_files(mura_root, built, tr
         predict.run_predict(workdir, [], tmp_path / "x", cache=str(out), split="test")
     with pytest.raises(UserError, match=f"image_size={SIZE}.*config.data.image_size"):
         cache.split_for_prediction(out, "valid", image_size=SIZE + 8, resize="stretch")
+
+
+@pytest.fixture(scope="module")
+def portable(mura_root, tmp_path_factory):
+    """A cache built from a copy of the MURA folder that was then moved away: only the cache
+    is left to read."""
+    folder = tmp_path_factory.mktemp("portable")
+    root = folder / "MURA-v1.1"
+    shutil.copytree(mura_root, root)
+    out = folder / "cache"
+    cache.build(root, out, image_size=SIZE, records_per_shard=PER_SHARD)
+    root.rename(folder / "moved-away")
+    return out
+
+
+def test_the_cache_holds_byte_copies_of_the_csvs(mura_root, built):
+    out, manifest = built
+    for name in cache.CSV_FILES:
+        assert (out / cache.CSV_DIR / name).read_bytes() == (mura_root / name).read_bytes()
+    assert cache.csv_digest(out / cache.CSV_DIR) == manifest["csv_digest"]
+    assert manifest["root_name"] == "MURA-v1.1"
+
+
+def test_train_and_evaluate_from_the_cache_alone_equal_those_with_the_root(mura_root, built,
+                                                                           trained, portable,
+                                                                           tmp_path):
+    """Empty data.root, the originals gone: the same index, labels, training and evaluation as
+    with data.root (the ``trained`` run), from the cache's CSV copies and pixels."""
+    from murajax.modes import evaluate
+
+    workdir, first = trained
+    config = _config("", portable, **{"data.num_workers": "auto", "data.synthetic_studies": 4})
+    for split in ("train", "valid"):  # the index, labels, subsets, labels_csv as from the root
+        with_root = mura.index_from_config(_config(mura_root, built[0]).data, split)
+        alone = mura.index_from_config(config.data, split)
+        assert [(r.study, r.label, r.study_type, r.patient) for r in alone.images] == [
+            (r.study, r.label, r.study_type, r.patient) for r in with_root.images]
+    subset = _config("", portable, **{"data.study_types": "XR_HAND", "data.fraction": 0.5})
+    assert mura.index_from_config(subset.data, "train").studies == mura.index_from_config(
+        _config(mura_root, built[0], **{"data.study_types": "XR_HAND",
+                                        "data.fraction": 0.5}).data, "train").studies
+    relabeled = tmp_path / "labels.csv"  # the first study's label flipped
+    rows = (mura_root / "train_labeled_studies.csv").read_text().splitlines(keepends=True)
+    path, label = rows[0].rstrip("\n").rsplit(",", 1)
+    relabeled.write_text(f"{path},{1 - int(label)}\n" + "".join(rows[1:]))
+    labels = mura.index_from_config(
+        _config("", portable, **{"data.labels_csv": str(relabeled)}).data, "train").study_labels()
+    assert labels.tolist() == mura.index_from_config(_config(mura_root, built[0], **{
+        "data.labels_csv": str(relabeled)}).data, "train").study_labels().tolist()
+    assert labels[0] == 1 - int(label)
+    assert mura.study_labels_file(config.data, "valid") == \
+        portable / cache.CSV_DIR / "valid_labeled_studies.csv"
+    # Training: the cache's copies win over generating synthetic data.
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "data").exists()
+    assert summary["history"] == first["history"]
+    helpers.assert_same_tree(helpers.final_variables(tmp_path / "run"),
+                             helpers.final_variables(workdir))
+    reports = []
+    for run in (workdir, tmp_path / "run"):
+        folder = evaluate.evaluate_workdir({"eval.bootstrap_samples": 100}, run)
+        reports.append((open(f"{folder}/predictions.csv").read(),
+                        json.loads(open(f"{folder}/report.json").read())["aggregate"]))
+    assert reports[0] == reports[1]
+    # The run trained with data.root, evaluated from the cache alone.
+    folder = evaluate.evaluate_workdir({"eval.bootstrap_samples": 100, "data.root": "",
+                                        "data.cache": str(portable)}, workdir)
+    assert open(f"{folder}/predictions.csv").read() == reports[0][0]
+    # Audit (its CAM overlays drawn on the cached images) and relabel from the cache alone.
+    from murajax.modes import audit, relabel
+
+    audited = audit.audit_workdir({"eval.split": "valid"}, tmp_path / "run")
+    overlays = list((audited / "cam").iterdir())
+    assert overlays and all(Image.open(p).size == (SIZE, SIZE) for p in overlays)
+    assert "could not be drawn" not in (audited / "suspects.md").read_text()
+    relabeled = relabel.relabel_workdir({"relabel.confidence": 0.6}, tmp_path / "run")
+    text = (relabeled / "train_labeled_studies.csv").read_text().splitlines()
+    assert len(text) == len(rows)  # rewritten from the cache's copy of the train labels
+
+
+def test_a_cache_without_csv_copies_and_no_root_is_refused_with_both_fixes(built, tmp_path):
+    old = tmp_path / "old-cache"
+    shutil.copytree(built[0], old)
+    shutil.rmtree(old / cache.CSV_DIR)  # as built before caches held the copies
+    config = _config("", old)
+    message = (rf"config.data.root is empty and the image cache config.data.cache={old} has no "
+               r"copies of the MURA CSVs .*Set --config.data.root=.*rerun the build, which adds "
+               rf"them: python -m murajax.data.cache build --root .* --out {old} ")
+    with pytest.raises(UserError, match=message):
+        mura.index_from_config(config.data, "valid")
+    with pytest.raises(UserError, match=message):
+        train.prepare_data(config, tmp_path / "run", None)
+    assert not (tmp_path / "run").exists()  # no synthetic data generated instead
+
+
+def test_rerunning_the_build_adds_the_copies_only_from_the_same_csvs(mura_root, built, tmp_path):
+    out, manifest = built
+    old = tmp_path / "old-cache"
+    shutil.copytree(out, old)
+    shutil.rmtree(old / cache.CSV_DIR)
+    stale = json.loads((old / cache.MANIFEST).read_text())
+    del stale["root_name"]  # a manifest as written before the copies
+    (old / cache.MANIFEST).write_text(json.dumps(stale))
+    assert cache.build(mura_root, old, image_size=SIZE, records_per_shard=PER_SHARD) == manifest
+    assert _files(old) == _files(out)
+    assert len(mura.index_from_config(_config("", old).data, "valid").images) == \
+        manifest["splits"]["valid"]
+    # Other CSVs at --root: refused, naming both folders; the cache is left as it was.
+    root = tmp_path / "MURA-v1.1"
+    shutil.copytree(mura_root, root)
+    with open(root / "valid_labeled_studies.csv", "a") as f:
+        f.write("\n")  # a blank row: the same index, other bytes
+    shutil.rmtree(old / cache.CSV_DIR)
+    with pytest.raises(UserError, match=rf"--root {root}: its CSVs .* differ from those the "
+                                        rf"cache in --out {old} was built from"):
+        cache.build(root, old, image_size=SIZE, records_per_shard=PER_SHARD)
+    assert not (old / cache.CSV_DIR).exists()

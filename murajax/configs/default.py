@@ -58,8 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.unlabeled_csv = ""
     # An image cache folder (python -m murajax.data.cache build --root <data.root> --out <dir>
     # --image_size <data.image_size> --resize <data.resize>): pixels decoded and resized once,
-    # read from its ArrayRecord shards; the index and labels still come from data.root. Refused
-    # if built with another image_size, resize or other CSVs. Empty: decode the image files.
+    # read from its ArrayRecord shards. The index and labels come from data.root, or with it
+    # empty from the cache's own copies of the CSVs (the cache alone trains and evaluates).
+    # Refused if built with another image_size, resize or other CSVs. Empty: decode the files.
     config.data.cache = ""
     config.data.on_missing = "error"  # listed image missing: 'error' or 'skip' (counted)
     config.data.on_bad_image = "error"  # unreadable image: 'error' or 'skip' (counted)

@@ -4,14 +4,16 @@
         --image_size 320 [--resize stretch|pad] [--num_workers N]
 
 then train (with its validation), ``--mode=evaluate``, ``audit`` and ``relabel`` read pixels from
-it with ``--config.data.cache=/data/mura-cache-320``. ``--mode=predict`` with that field and no
-``--input`` predicts the cached images of ``config.eval.split`` (``split_for_prediction``; it
-needs neither the CSVs nor the original images: CAM overlays are drawn on the cached image).
+it with ``--config.data.cache=/data/mura-cache-320``, and need nothing else: the cache holds
+copies of the CSVs. ``--mode=predict`` with that field and no ``--input`` predicts the cached
+images of ``config.eval.split`` (``split_for_prediction``; it needs neither the CSVs nor the
+original images: CAM overlays are drawn on the cached image).
 
 This module owns the cache's format, its build and reading pixels from it. The index of a run
-still comes from the CSVs at ``config.data.root`` (labels, ``data.labels_csv``, subsets); the
-cache only replaces decoding and resizing: ``CachedPixels`` maps each index image to its record
-by its key, the image's path relative to the MURA-v1.1 folder
+comes from the CSVs at ``config.data.root`` or, with that field empty, from the cache's copies
+of them (``csv_copies``; labels, ``data.labels_csv``, subsets work the same; the cache's keys
+stand for the image files); the cache replaces decoding and resizing: ``CachedPixels`` maps
+each index image to its record by its key, the image's path relative to the MURA-v1.1 folder
 (``train/XR_WRIST/patient00001/study1_positive/image1.png``).
 
 Format (``FORMAT``, version ``VERSION``): shards ``images-SSSSS-of-NNNNN.array_record`` (written
@@ -23,14 +25,18 @@ a shard. A record is
 spells it, ``study``, ``label``, ``study_type``, ``width`` and ``height`` of the original,
 ``shape`` of the pixels, ``error``: why an unreadable image has no pixels, else null) and the
 uint8 pixels, ``[S, S]`` for a grayscale image and ``[S, S, 3]`` for a colour one, exactly
-``images.transform(images.decode(path), S, resize)`` (no pickle anywhere). ``manifest.json``,
-written last, holds the settings, the counts, the keys in record order and the shards.
+``images.transform(images.decode(path), S, resize)`` (no pickle anywhere). ``csv/`` (``CSV_DIR``)
+holds byte-for-byte copies of the four source CSVs (``CSV_FILES``; their ``csv_digest`` is the
+manifest's). ``manifest.json``, written last, holds the settings, the counts, the keys in record
+order, the shards and ``root_name`` (the name of the folder built from, as the CSVs may spell it).
 
 Interrupting: ``build.json`` (the settings) is written before any shard and a rerun with other
 settings into the same folder is refused; each shard is written under a temporary name and
-renamed when complete, so a rerun writes only the missing shards, and the result is byte for
-byte that of an uninterrupted build (the records and their order depend on the CSVs only). A
-rerun deletes the temporary files a killed build left: run one build per folder at a time.
+renamed when complete, so a rerun writes only the missing shards (and CSV copies), and the
+result is byte for byte that of an uninterrupted build (the records and their order depend on
+the CSVs only). A rerun deletes the temporary files a killed build left: run one build per
+folder at a time. A rerun on a complete cache built before caches held the CSV copies adds them
+(from CSVs with the manifest's ``csv_digest`` only).
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ FORMAT = "murajax-image-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
 BUILD = "build.json"
+CSV_DIR = "csv"  # the copies of the source CSVs
+CSV_FILES = tuple(f"{split}_{kind}.csv" for split in ("train", "valid")
+                  for kind in ("image_paths", "labeled_studies"))
 MAGIC = b"MJC1"
 SPLITS = ("train", "valid")
 RECORDS_PER_SHARD = 512
@@ -79,12 +88,11 @@ def csv_digest(root) -> str:
     """sha256 of the source CSVs ({train,valid}_{image_paths,labeled_studies}.csv)."""
     root = pathlib.Path(root)
     digest = hashlib.sha256()
-    for split in SPLITS:
-        for kind in ("image_paths", "labeled_studies"):
-            path = root / f"{split}_{kind}.csv"
-            digest.update(path.name.encode() + b"\0")
-            digest.update(path.read_bytes() if path.is_file() else b"<missing>")
-            digest.update(b"\0")
+    for name in CSV_FILES:
+        path = root / name
+        digest.update(path.name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+        digest.update(b"\0")
     return digest.hexdigest()
 
 
@@ -179,6 +187,32 @@ def _write_json_atomically(path: pathlib.Path, value) -> None:
     os.replace(tmp, path)
 
 
+def _check_same_csvs(root: pathlib.Path, out: pathlib.Path, digest: str, recorded) -> None:
+    """UserError if ``out``'s cache was built from other CSVs than those at ``root``."""
+    if recorded != digest:
+        raise UserError(
+            f"--root {root}: its CSVs ({', '.join(CSV_FILES)}) differ from those the cache in "
+            f"--out {out} was built from (csv_digest {digest[:12]}... here, "
+            f"{str(recorded)[:12]}... there). Point --root at the MURA-v1.1 folder the cache "
+            "was built from, or build into another --out folder.")
+
+
+def _copy_csvs(root: pathlib.Path, folder: pathlib.Path) -> None:
+    """Copies the source CSVs byte for byte into ``folder`` (each written under a temporary
+    name, then renamed), so that a run needs no ``config.data.root``."""
+    folder.mkdir(exist_ok=True)
+    for name in CSV_FILES:
+        data, final = (root / name).read_bytes(), folder / name
+        if final.is_file() and final.read_bytes() == data:
+            continue
+        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+
 class _Progress:
     """A one-line progress bar with the rate and ETA on stderr."""
 
@@ -232,6 +266,7 @@ def build(root, out, *, image_size: int, resize: str = "stretch", num_workers: i
     if (out / BUILD).is_file():
         before = json.loads((out / BUILD).read_text())
         changed = [k for k in settings if before.get(k) != settings[k]]
+        _check_same_csvs(root, out, settings["csv_digest"], before.get("csv_digest"))
         if changed:
             raise UserError(
                 f"--out {out} holds a cache built with other settings ("
@@ -239,7 +274,10 @@ def build(root, out, *, image_size: int, resize: str = "stretch", num_workers: i
                 + "). Use another --out folder, or delete that one to rebuild it.")
     else:
         _write_json_atomically(out / BUILD, settings)
-    for stale in out.glob("*.tmp-*"):  # left by a killed build
+    if (out / MANIFEST).is_file():  # complete: a rerun adds what it lacks (the CSV copies)
+        _check_same_csvs(root, out, settings["csv_digest"],
+                         json.loads((out / MANIFEST).read_text()).get("csv_digest"))
+    for stale in [*out.glob("*.tmp-*"), *out.glob(f"{CSV_DIR}/*.tmp-*")]:  # a killed build's
         stale.unlink()
 
     shards = [_shard_name(i, num_shards) for i in range(num_shards)]
@@ -271,8 +309,9 @@ def build(root, out, *, image_size: int, resize: str = "stretch", num_workers: i
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    _copy_csvs(root, out / CSV_DIR)
     manifest = dict(settings, splits={s: sum(1 for h in headers if h["key"].startswith(s + "/"))
-                                      for s in SPLITS},
+                                      for s in SPLITS}, root_name=root.name,
                     keys=[h["key"] for h in headers],
                     shards=[{"file": name,
                              "num_records": min(records_per_shard,
@@ -335,6 +374,29 @@ def _check_manifest(manifest: dict, directory, data_config) -> None:
                 f"config.data.cache: {directory} was built from other CSVs than those in "
                 f"config.data.root ({root}): the csv_digest differs. Rebuild the cache from "
                 f"this root: {rebuild}")
+
+
+def csv_copies(data_config) -> tuple[pathlib.Path, frozenset[str], str]:
+    """The cache at ``config.data.cache`` as a run's CSV source, for an empty
+    ``config.data.root``: its copies of the CSVs (checked against the manifest's csv_digest),
+    its keys (the images that exist) and the name of the folder it was built from. UserError
+    for a cache built before caches held the copies."""
+    directory = pathlib.Path(os.path.expanduser(str(data_config.cache))).absolute()
+    manifest = _checked_manifest(directory, data_config)
+    folder = directory / CSV_DIR
+    if not all((folder / name).is_file() for name in CSV_FILES):
+        raise UserError(
+            f"config.data.root is empty and the image cache config.data.cache={directory} has "
+            f"no copies of the MURA CSVs ({folder}/; it was built before caches held them). "
+            "Set --config.data.root=/path/to/MURA-v1.1, or rerun the build, which adds them: "
+            + build_command("", directory, manifest["image_size"], manifest["resize"]))
+    if csv_digest(folder) != manifest["csv_digest"]:
+        raise UserError(
+            f"config.data.cache: the CSV copies in {folder} differ from those {directory} was "
+            "built from (the csv_digest differs). Rerun the build from the MURA-v1.1 folder, "
+            "which restores them: "
+            + build_command("", directory, manifest["image_size"], manifest["resize"]))
+    return folder, frozenset(manifest["keys"]), str(manifest.get("root_name", ""))
 
 
 class CachedPixels:

@@ -270,7 +270,7 @@ def _read_csv_rows(path: pathlib.Path) -> list[tuple[int, list[str]]]:
 
 
 def _row_path(where: str, fields: list[str], root: pathlib.Path, split: str, *, row_form: str,
-              kind: str, path_form: str, depth: int) -> tuple[str, list[str]]:
+              kind: str, path_form: str, depth: int, alias: str = "") -> tuple[str, list[str]]:
     """The row's path relative to the MURA folder and its ``depth`` components (split, study
     type, patient, study[, image]), after checking the row has the columns ``row_form``
     describes (an image row one, a study row a second for its label) and the path the shape of
@@ -279,7 +279,7 @@ def _row_path(where: str, fields: list[str], root: pathlib.Path, split: str, *, 
     if len(fields) != columns:
         raise UserError(f"{where}: malformed row {','.join(fields)!r}: expected {row_form}. "
                         "Fix or remove the row.")
-    rel = _relative(fields[0], root)
+    rel = _relative(fields[0], root, alias)
     parts = rel.split("/") if rel else []
     if rel is None or len(parts) != depth or parts[0] != split:
         raise UserError(f"{where}: malformed {kind} path {fields[0]!r}: expected "
@@ -295,14 +295,15 @@ def _check_study_type(where: str, parts: list[str], path_field: str) -> None:
         )
 
 
-def _relative(path_field: str, root: pathlib.Path) -> str | None:
+def _relative(path_field: str, root: pathlib.Path, alias: str = "") -> str | None:
     """A CSV path ("MURA-v1.1/train/...") relative to the MURA-v1.1 folder, or None if it is
-    not of that form. The first component may be MURA-v1.1 or the actual folder name."""
+    not of that form. The first component may be MURA-v1.1 or the actual folder name (``alias``
+    when given: the name of the folder the CSVs were copied from)."""
     p = path_field.replace("\\", "/").strip().strip("/")
     parts = [x for x in p.split("/") if x not in ("", ".")]
     if len(parts) < 2 or ".." in parts:
         return None
-    if parts[0] in ("MURA-v1.1", root.name) or parts[0].upper().startswith("MURA"):
+    if parts[0] in ("MURA-v1.1", alias or root.name) or parts[0].upper().startswith("MURA"):
         parts = parts[1:]
     return "/".join(parts)
 
@@ -323,20 +324,26 @@ class _Skips:
 
 @dataclasses.dataclass(frozen=True)
 class _SplitFiles:
-    """The two CSVs of one split, checked to exist with the split's image folder."""
+    """The two CSVs of one split, checked to exist with the split's image folder. ``available``:
+    the images (paths relative to the MURA folder) that exist, when not the files under ``root``
+    (an image cache's keys; ``root`` then holds copies of the CSVs only), and ``alias`` the name
+    of the folder they were copied from."""
 
     root: pathlib.Path
     split: str
     images_csv: pathlib.Path
     studies_csv: pathlib.Path
+    available: frozenset[str] | None = None
+    alias: str = ""
 
 
-def _split_files(root, split: str) -> _SplitFiles:
+def _split_files(root, split: str, available=None, alias: str = "") -> _SplitFiles:
     if not isinstance(split, str) or not _SPLIT_RE.match(split):
         raise UserError(f"split must be a name such as 'train' or 'valid', got {split!r}")
     root = _resolve_root(root)
     files = _SplitFiles(root, split, root / f"{split}_image_paths.csv",
-                        root / f"{split}_labeled_studies.csv")
+                        root / f"{split}_labeled_studies.csv",
+                        None if available is None else frozenset(available), alias)
     for csv_path in (files.studies_csv, files.images_csv):
         if not csv_path.is_file():
             raise UserError(
@@ -345,7 +352,7 @@ def _split_files(root, split: str) -> _SplitFiles:
                 "the MURA-v1.1 download there or point --config.data.root at the right folder."
             )
     split_dir = root / split
-    if not split_dir.is_dir():
+    if available is None and not split_dir.is_dir():
         raise UserError(
             f"{split_dir}: folder missing (the images of the {split!r} split). Extract the "
             "complete MURA-v1.1 download into config.data.root."
@@ -388,7 +395,7 @@ def _read_studies(files: _SplitFiles, skip: _Skips, given: dict[str, int] | None
     for row_number, fields in _read_csv_rows(files.studies_csv):
         where = f"{files.studies_csv}, row {row_number}"
         rel, parts = _row_path(
-            where, fields, files.root, split,
+            where, fields, files.root, split, alias=files.alias,
             row_form="'<study folder>/,<label>' (e.g. "
                      f"'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/,1')",
             kind="study", path_form=f"MURA-v1.1/{split}/<study type>/<patient>/<study>/",
@@ -420,7 +427,7 @@ def _read_images(files: _SplitFiles, study_label: dict[str, int], on_missing: st
     for row_number, fields in _read_csv_rows(images_csv):
         where = f"{images_csv}, row {row_number}"
         rel, parts = _row_path(
-            where, fields, files.root, split,
+            where, fields, files.root, split, alias=files.alias,
             row_form="one image path such as "
                      f"'MURA-v1.1/{split}/XR_WRIST/patient00001/study1_positive/image1.png'",
             kind="image", depth=5,
@@ -446,7 +453,17 @@ def _read_images(files: _SplitFiles, study_label: dict[str, int], on_missing: st
             continue
         seen_images[rel] = row_number
         path = files.root / rel
-        if not _exists(path, dir_cache):
+        if files.available is not None and rel not in files.available:
+            if on_missing == "error":
+                raise UserError(
+                    f"{where}: image {fields[0]!r} is listed but not in the image cache (its "
+                    "build left it out as missing). Set --config.data.root to the MURA-v1.1 "
+                    "folder holding it, remove the row, or set --config.data.on_missing=skip "
+                    "to skip missing images."
+                )
+            skip("missing image", f"{where}: image {fields[0]!r} not in the image cache")
+            continue
+        if files.available is None and not _exists(path, dir_cache):
             if on_missing == "error":
                 raise UserError(
                     f"{where}: image {fields[0]!r} is listed but missing: {path}. Restore the "
@@ -486,6 +503,8 @@ def read_split(
     seed: int = 0,
     unlabeled_csv: str = "",
     labels_csv: str = "",
+    available=None,
+    alias: str = "",
 ) -> MuraIndex:
     """Reads one split of MURA-v1.1 from its two CSVs.
 
@@ -503,11 +522,14 @@ def read_split(
       labels_csv: a CSV in the format of ``{split}_labeled_studies.csv`` (e.g. written by
         ``--mode=relabel``) whose labels replace it; absolute, or relative to the current
         folder. A study whose label it changes may disagree with its folder's suffix.
+      available: the images that exist (paths relative to the MURA folder, e.g. an image
+        cache's keys), checked instead of the files; ``root`` then needs only the CSVs.
+      alias: the name of the folder the CSVs at ``root`` were copied from (``_relative``).
     """
     on_missing = _check_on_missing(on_missing)
     types = parse_study_types(study_types)
     fraction = _check_fraction(fraction)
-    files = _split_files(root, split)
+    files = _split_files(root, split, available, alias)
     skip = _Skips()
     given = None
     if labels_csv:  # the study labels from that file; the root's CSV is still read and checked
@@ -630,10 +652,23 @@ def class_weights(index: MuraIndex) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+def csv_source(data_config) -> tuple[str | pathlib.Path, frozenset[str] | None, str]:
+    """Where a run's CSVs are: ``config.data.root``, or with it empty and ``config.data.cache``
+    set, the cache's copies of them, whose images are the cached ones
+    (``cache.csv_copies``): (folder, available images or None, alias)."""
+    if not data_config.root and data_config.get("cache", ""):
+        from murajax.data import cache  # it imports this module
+
+        return cache.csv_copies(data_config)
+    return data_config.root, None, ""
+
+
 def index_from_config(data_config, split: str) -> MuraIndex:
-    """``read_split(config.data.root, split, ...)`` with the subset options from the config."""
+    """``read_split(config.data.root, split, ...)`` with the subset options from the config
+    (from the image cache's copies of the CSVs when the root is empty: ``csv_source``)."""
+    root, available, alias = csv_source(data_config)
     return read_split(
-        data_config.root,
+        root,
         split,
         study_types=data_config.get("study_types", ""),
         fraction=data_config.get("fraction", 1.0),
@@ -641,6 +676,8 @@ def index_from_config(data_config, split: str) -> MuraIndex:
         seed=0,
         unlabeled_csv=data_config.get("unlabeled_csv", "") if split == "train" else "",
         labels_csv=data_config.get("labels_csv", "") if split == "train" else "",
+        available=available,
+        alias=alias,
     )
 
 
@@ -657,8 +694,8 @@ def labels_csv_path(labels_csv) -> pathlib.Path:
 
 def study_labels_file(data_config, split: str) -> pathlib.Path:
     """The study-label CSV ``index_from_config`` reads for ``split``: ``config.data.labels_csv``
-    for the train split when set, else ``<root>/<split>_labeled_studies.csv``."""
+    for the train split when set, else ``<root>/<split>_labeled_studies.csv`` (``csv_source``)."""
     labels_csv = data_config.get("labels_csv", "") if split == "train" else ""
     if labels_csv:
         return labels_csv_path(labels_csv)
-    return _resolve_root(data_config.root) / f"{split}_labeled_studies.csv"
+    return _resolve_root(csv_source(data_config)[0]) / f"{split}_labeled_studies.csv"

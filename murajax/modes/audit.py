@@ -195,6 +195,21 @@ def _write_markdown(path: Path, split: str, steps, ranked, scores, overlays, tot
     path.write_text("\n".join(lines) + "\n")
 
 
+def _cached_sources(index, data_config) -> tuple[dict, ...]:
+    """``({'load': ...}, {'original': ...})`` drawing the overlays on the cached images (as
+    ``--mode=predict`` on a cache does) for a run read from the image cache alone (empty
+    ``config.data.root``: the original images may be absent); ``({}, {})`` otherwise."""
+    if data_config.root or not data_config.get("cache", ""):
+        return {}, {}
+    from murajax.data import cache, images
+    from murajax.inference.cam import as_rgb
+
+    pixels = cache.pixels_for_index(index, data_config)
+    position = {r.path: i for i, r in enumerate(index.images)}
+    return ({"load": lambda item: images.normalize(pixels.pixels(position[item.path]))},
+            {"original": lambda path: as_rgb(pixels.pixels(position[path]))})
+
+
 def audit_workdir(overrides, workdir: str | os.PathLike, *,
                   running_loss: Mapping[str, float] | None = None) -> Path:
     """Writes ``<workdir>/audit/<split>/`` (suspects.csv, suspects.md, cam/; see the module
@@ -227,9 +242,10 @@ def audit_workdir(overrides, workdir: str | os.PathLike, *,
             items.append(ImageInput(record.path, study,
                                     evaluation.study_type_name(int(record.study_type)), name))
         overlays.append(names)
-    predictions = predictor.predict_images(items, cam=True)
+    sources = _cached_sources(index, scored.config.data)
+    predictions = predictor.predict_images(items, cam=True, **sources[0])
     errors = list(predictions.errors)
-    errors += write_overlays(predictor, predictions.rows, out_dir / "cam")
+    errors += write_overlays(predictor, predictions.rows, out_dir / "cam", **sources[1])
     failed = {image for image, _ in errors}  # unreadable, or the overlay failed
     drawn = {row.name for row in predictions.rows if row.image not in failed}
     overlays = [[name for name in names if name in drawn] for names in overlays]
