@@ -386,6 +386,23 @@ def test_train_and_evaluate_from_the_cache_alone_equal_those_with_the_root(mura_
     assert len(text) == len(rows)  # rewritten from the cache's copy of the train labels
 
 
+def test_with_a_cache_the_root_needs_its_csvs_only(mura_root, built, tmp_path):
+    """data.root set and a cache: the images listed are looked up in the cache, not on disk
+    (a root of the four CSVs and no image folder reads the same index)."""
+    root = tmp_path / "MURA-v1.1"
+    root.mkdir()
+    for name in cache.CSV_FILES:
+        shutil.copy(mura_root / name, root / name)
+    for split in ("train", "valid"):
+        csvs_only = mura.index_from_config(_config(root, built[0]).data, split)
+        full = mura.index_from_config(_config(mura_root, built[0]).data, split)
+        assert [os.path.relpath(r.path, root) for r in csvs_only.images] == [
+            os.path.relpath(r.path, mura_root) for r in full.images]
+        assert [r.label for r in csvs_only.images] == [r.label for r in full.images]
+    with pytest.raises(UserError, match="folder missing"):  # without the cache: the files
+        mura.index_from_config(_config(root, "").data, "valid")
+
+
 def test_a_cache_without_csv_copies_and_no_root_is_refused_with_both_fixes(built, tmp_path):
     old = tmp_path / "old-cache"
     shutil.copytree(built[0], old)

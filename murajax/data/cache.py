@@ -376,6 +376,13 @@ def _check_manifest(manifest: dict, directory, data_config) -> None:
                 f"this root: {rebuild}")
 
 
+def cached_keys(data_config) -> frozenset[str]:
+    """The keys (images) of the cache at ``config.data.cache``, checked against
+    ``config.data`` (its root's CSVs included)."""
+    directory = pathlib.Path(os.path.expanduser(str(data_config.cache))).absolute()
+    return frozenset(_checked_manifest(directory, data_config)["keys"])
+
+
 def csv_copies(data_config) -> tuple[pathlib.Path, frozenset[str], str]:
     """The cache at ``config.data.cache`` as a run's CSV source, for an empty
     ``config.data.root``: its copies of the CSVs (checked against the manifest's csv_digest),

@@ -544,8 +544,10 @@ def read_split(
             raise UserError(f"config.data.unlabeled_csv: {extra} is not a file (a CSV of image "
                             f"paths such as 'MURA-v1.1/{split}/XR_WRIST/patient00001/"
                             "study1_negative/image1.png')")
-        records += _read_images(dataclasses.replace(files, images_csv=extra), study_label,
-                                on_missing, skip, unlabeled=True)
+        # Looked for on disk even with a cache (available): it does not hold these images,
+        # which the cache's pixel source then refuses by name.
+        records += _read_images(dataclasses.replace(files, images_csv=extra, available=None),
+                                study_label, on_missing, skip, unlabeled=True)
 
     skipped = skip.counts
     index = index_from_records(records, skipped)
@@ -654,13 +656,16 @@ def class_weights(index: MuraIndex) -> np.ndarray:
 
 def csv_source(data_config) -> tuple[str | pathlib.Path, frozenset[str] | None, str]:
     """Where a run's CSVs are: ``config.data.root``, or with it empty and ``config.data.cache``
-    set, the cache's copies of them, whose images are the cached ones
-    (``cache.csv_copies``): (folder, available images or None, alias)."""
-    if not data_config.root and data_config.get("cache", ""):
-        from murajax.data import cache  # it imports this module
+    set, the cache's copies of them (``cache.csv_copies``); and with a cache, which images
+    exist: the cached ones, whose pixels are read from it (the original files are then not
+    looked for). (folder, available images or None, alias)."""
+    if not data_config.get("cache", ""):
+        return data_config.root, None, ""
+    from murajax.data import cache  # it imports this module
 
+    if not data_config.root:
         return cache.csv_copies(data_config)
-    return data_config.root, None, ""
+    return data_config.root, cache.cached_keys(data_config), ""
 
 
 def index_from_config(data_config, split: str) -> MuraIndex:
