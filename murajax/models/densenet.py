@@ -400,16 +400,16 @@ class DenseNet(nn.Module):
         one: Adam's moments, gradients; real or abstract arrays) in the layout ``like`` is in
         (default: this model's own; ``{}``: one entry per layer, as in weight files), whatever
         layout ``tree`` is in now. Stacking pads with zeros (ones for a running variance)."""
+        layout = self.variable_layout() if like is None else _layout_of(like)
+        now = _layout_of(tree)
+        if now.keys() == layout.keys() and all(now[k] in (None, w) for k, w in layout.items()):
+            return tree  # already there (None: a masked optimizer state's empty entries)
         leaves = jax.tree.leaves(tree)
         if leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
             sharding = leaves[0].sharding  # one model's variables share one (replicated)
             shapes = jax.eval_shape(lambda t: self.layout_variables(t, like), tree)
             return jax.tree.map(
                 lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-        layout = self.variable_layout() if like is None else _layout_of(like)
-        now = _layout_of(tree)
-        if now.keys() == layout.keys() and all(now[k] in (None, w) for k, w in layout.items()):
-            return tree  # already there (None: a masked optimizer state's empty entries)
         tree = self._per_layer(tree)
         for name, width in layout.items():
             stage, first, last = map(int, _LAYER_RUN.fullmatch(name).groups())
