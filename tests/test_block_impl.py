@@ -280,3 +280,21 @@ def test_a_run_resumes_in_the_other_layout_and_predicts_from_it(tmp_path):
     started = train.train_and_evaluate(config(init_from=str(tmp_path / "run"),
                                               stop_after_steps=1), tmp_path / "fine-tune")
     assert started["step"] == 1
+
+
+def test_an_interrupted_scan_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
+    from murajax import synthetic, train
+    from tests import helpers
+
+    root = synthetic.generate(tmp_path / "data", num_studies=24, seed=5)
+
+    def config(**extra):
+        return helpers.run_config(root, **{"checkpoint_every_steps": 4,
+                                           "model.block_impl": "scan", **extra})
+
+    full = train.train_and_evaluate(config(), tmp_path / "full")
+    steps_per_epoch = full["history"][0]["step"]
+    resumed = helpers.train_with_two_interruptions(config, tmp_path / "resumed", steps_per_epoch)
+    assert resumed["val_loss"] == full["val_loss"]
+    helpers.assert_same_tree(helpers.final_variables(tmp_path / "resumed"),
+                             helpers.final_variables(tmp_path / "full"))
