@@ -40,7 +40,7 @@ def test_empty_and_minus_one_labels_read_as_unlabelled_whatever_the_folder_says(
     root, cleared = _unlabel_studies(clean_root, tmp_path)
     index = mura.read_split(root, "train")
     unlabelled = {r.study for r in index.images if r.label == -1}
-    assert unlabelled == {mura._relative(s, root).rstrip("/") for s in cleared}
+    assert unlabelled == {mura.relative_path(s, root).rstrip("/") for s in cleared}
     labelled = mura.read_split(clean_root, "train")
     assert len(index.images) == len(labelled.images)
     # The paper's weights come from the labelled images alone.

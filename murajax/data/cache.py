@@ -169,8 +169,8 @@ def _listed_images(root: pathlib.Path, on_missing: str) -> list[dict]:
     headers = []
     for split in SPLITS:
         spelling = {}
-        for _, fields in mura._read_csv_rows(root / f"{split}_image_paths.csv"):
-            rel = mura._relative(fields[0], root) if fields else None
+        for _, fields in mura.read_csv_rows(root / f"{split}_image_paths.csv"):
+            rel = mura.relative_path(fields[0], root) if fields else None
             if rel is not None:
                 spelling.setdefault(rel, fields[0])
         index = mura.read_split(root, split, on_missing=on_missing)
@@ -255,7 +255,7 @@ def build(root, out, *, image_size: int, resize: str = "stretch", num_workers: i
         raise UserError(f"--num_workers must be an integer >= 0, got {num_workers!r}")
     if records_per_shard < 1:
         raise UserError(f"--records_per_shard must be >= 1, got {records_per_shard}")
-    root = mura._resolve_root(root)
+    root = mura.resolve_root(root)
     out = pathlib.Path(os.path.expanduser(str(out))).absolute()
     headers = _listed_images(root, on_missing)
     num_shards = max(1, -(-len(headers) // records_per_shard))
@@ -368,7 +368,7 @@ def _check_manifest(manifest: dict, directory, data_config) -> None:
                 f"but config.data.{field} is {want!r}. Set --config.data.{field}="
                 f"{manifest[field]}, or build a cache for {field}={want!r}: {rebuild}")
     if data_config.root:
-        root = mura._resolve_root(data_config.root)
+        root = mura.resolve_root(data_config.root)
         if csv_digest(root) != manifest["csv_digest"]:
             raise UserError(
                 f"config.data.cache: {directory} was built from other CSVs than those in "

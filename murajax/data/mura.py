@@ -251,7 +251,7 @@ def _label_from_suffix(folder_name: str) -> int:
     return -1
 
 
-def _read_csv_rows(path: pathlib.Path) -> list[tuple[int, list[str]]]:
+def read_csv_rows(path: pathlib.Path) -> list[tuple[int, list[str]]]:
     """(1-based row number, fields) for the non-blank rows of a CSV file."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -279,7 +279,7 @@ def _row_path(where: str, fields: list[str], root: pathlib.Path, split: str, *, 
     if len(fields) != columns:
         raise UserError(f"{where}: malformed row {','.join(fields)!r}: expected {row_form}. "
                         "Fix or remove the row.")
-    rel = _relative(fields[0], root, alias)
+    rel = relative_path(fields[0], root, alias)
     parts = rel.split("/") if rel else []
     if rel is None or len(parts) != depth or parts[0] != split:
         raise UserError(f"{where}: malformed {kind} path {fields[0]!r}: expected "
@@ -295,7 +295,7 @@ def _check_study_type(where: str, parts: list[str], path_field: str) -> None:
         )
 
 
-def _relative(path_field: str, root: pathlib.Path, alias: str = "") -> str | None:
+def relative_path(path_field: str, root: pathlib.Path, alias: str = "") -> str | None:
     """A CSV path ("MURA-v1.1/train/...") relative to the MURA-v1.1 folder, or None if it is
     not of that form. The first component may be MURA-v1.1 or the actual folder name (``alias``
     when given: the name of the folder the CSVs were copied from)."""
@@ -340,7 +340,7 @@ class _SplitFiles:
 def _split_files(root, split: str, available=None, alias: str = "") -> _SplitFiles:
     if not isinstance(split, str) or not _SPLIT_RE.match(split):
         raise UserError(f"split must be a name such as 'train' or 'valid', got {split!r}")
-    root = _resolve_root(root)
+    root = resolve_root(root)
     files = _SplitFiles(root, split, root / f"{split}_image_paths.csv",
                         root / f"{split}_labeled_studies.csv",
                         None if available is None else frozenset(available), alias)
@@ -392,7 +392,7 @@ def _read_studies(files: _SplitFiles, skip: _Skips, given: dict[str, int] | None
     split = files.split
     study_label: dict[str, int] = {}
     study_row: dict[str, int] = {}
-    for row_number, fields in _read_csv_rows(files.studies_csv):
+    for row_number, fields in read_csv_rows(files.studies_csv):
         where = f"{files.studies_csv}, row {row_number}"
         rel, parts = _row_path(
             where, fields, files.root, split, alias=files.alias,
@@ -424,7 +424,7 @@ def _read_images(files: _SplitFiles, study_label: dict[str, int], on_missing: st
     records: list[ImageRecord] = []
     seen_images: dict[str, int] = {}
     dir_cache: dict[str, set[str] | None] = {}
-    for row_number, fields in _read_csv_rows(images_csv):
+    for row_number, fields in read_csv_rows(images_csv):
         where = f"{images_csv}, row {row_number}"
         rel, parts = _row_path(
             where, fields, files.root, split, alias=files.alias,
@@ -524,7 +524,7 @@ def read_split(
         folder. A study whose label it changes may disagree with its folder's suffix.
       available: the images that exist (paths relative to the MURA folder, e.g. an image
         cache's keys), checked instead of the files; ``root`` then needs only the CSVs.
-      alias: the name of the folder the CSVs at ``root`` were copied from (``_relative``).
+      alias: the name of the folder the CSVs at ``root`` were copied from (``relative_path``).
     """
     on_missing = _check_on_missing(on_missing)
     types = parse_study_types(study_types)
@@ -584,7 +584,9 @@ def _exists(path: pathlib.Path, cache: dict[str, set[str] | None]) -> bool:
     return names is not None and path.name in names and path.is_file()
 
 
-def _resolve_root(root) -> pathlib.Path:
+def resolve_root(root) -> pathlib.Path:
+    """``config.data.root`` as an absolute folder; a UserError naming the fix if it is empty,
+    missing or not a folder."""
     if root is None or str(root) == "":
         raise UserError(
             "config.data.root is empty. Set --config.data.root=/path/to/MURA-v1.1 (the folder "
@@ -703,4 +705,4 @@ def study_labels_file(data_config, split: str) -> pathlib.Path:
     labels_csv = data_config.get("labels_csv", "") if split == "train" else ""
     if labels_csv:
         return labels_csv_path(labels_csv)
-    return _resolve_root(csv_source(data_config)[0]) / f"{split}_labeled_studies.csv"
+    return resolve_root(csv_source(data_config)[0]) / f"{split}_labeled_studies.csv"
