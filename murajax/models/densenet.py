@@ -457,7 +457,8 @@ class DenseNet(nn.Module):
         for bucket in layout:
             last = first + len(bucket.offsets) - 1
             layers.append(_StackedLayers(bucket.width, bucket.offsets, growth, bottleneck,
-                                         self.param_dtype, name=f"conv{stage}_block{first}to{last}"))
+                                         self.param_dtype,
+                                         name=f"conv{stage}_block{first}to{last}"))
             first = last + 1
         stacked = [layer() for layer in layers]
 
