@@ -90,10 +90,7 @@ def map_variables(state: TrainState, convert) -> TrainState:
 def relayout(model: nn.Module, state: TrainState, like=None) -> TrainState:
     """``state``'s model variables in the layout of ``like`` (a params tree; None: ``model``'s
     own; ``models.in_layout``), e.g. a checkpoint's written with another block_impl."""
-    convert = getattr(model, "layout_variables", None)
-    if convert is None:
-        return state
-    return map_variables(state, lambda tree: convert(tree, like))
+    return map_variables(state, models.registry.layout_converter(model, like))
 
 
 def ema_decay_from_config(config: ml_collections.ConfigDict) -> float:

@@ -385,15 +385,19 @@ class DenseNet(nn.Module):
         ``{"conv{B}_block{first}to{last}": padded input width}`` for each scan bucket."""
         if self.block_impl != "scan":
             return {}
-        layout = {}
-        for stage, (in_features, num_layers) in self._dense_blocks().items():
-            first = 1
-            for bucket in ops.dense_scan.buckets(in_features, num_layers, self.growth_rate,
-                                                 self.scan_bucket):
-                last = first + len(bucket.offsets) - 1
-                layout[f"conv{stage}_block{first}to{last}"] = bucket.width
-                first = last + 1
-        return layout
+        return {name: bucket.width
+                for stage, (in_features, num_layers) in self._dense_blocks().items()
+                for name, bucket in self._scan_runs(stage, in_features, num_layers)}
+
+    def _scan_runs(self, stage: int, in_features: int, num_layers: int):
+        """``(name, bucket)`` of each scan bucket of dense block ``stage``
+        (``conv{stage}_block{first}to{last}``: the layers it stacks)."""
+        first = 1
+        for bucket in ops.dense_scan.buckets(in_features, num_layers, self.growth_rate,
+                                             self.scan_bucket):
+            last = first + len(bucket.offsets) - 1
+            yield f"conv{stage}_block{first}to{last}", bucket
+            first = last + 1
 
     def layout_variables(self, tree: dict, like: dict | None = None) -> dict:
         """``tree`` (one collection of this architecture's variables, or anything shaped like
@@ -452,14 +456,10 @@ class DenseNet(nn.Module):
         (``_StackedLayers``; running statistics written back stacked)."""
         growth, in_features = self.growth_rate, x.shape[-1]
         bottleneck = self.bottleneck_width * growth
-        layout = ops.dense_scan.buckets(in_features, num_layers, growth, self.scan_bucket)
-        layers, first = [], 1
-        for bucket in layout:
-            last = first + len(bucket.offsets) - 1
-            layers.append(_StackedLayers(bucket.width, bucket.offsets, growth, bottleneck,
-                                         self.param_dtype,
-                                         name=f"conv{stage}_block{first}to{last}"))
-            first = last + 1
+        runs = list(self._scan_runs(stage, in_features, num_layers))
+        layout = [bucket for _, bucket in runs]
+        layers = [_StackedLayers(bucket.width, bucket.offsets, growth, bottleneck,
+                                 self.param_dtype, name=name) for name, bucket in runs]
         stacked = [layer() for layer in layers]
 
         def part_a(h, p):  # BN -> ReLU -> 1x1 conv over the bucket's width

@@ -98,14 +98,21 @@ def create(name: str, **overrides) -> nn.Module:
     return get(name).build(**overrides)
 
 
-def in_layout(model: nn.Module, variables: dict, like: dict | None = None) -> dict:
-    """``variables`` (``{collection: tree}``, real or abstract arrays) in ``model``'s variable
-    layout, or in the layout of ``like`` (a collection; ``{}``: one entry per layer);
-    unchanged for a backbone with a single layout (no ``layout_variables``)."""
+def layout_converter(model: nn.Module, like: dict | None = None) -> Callable[[Any], Any]:
+    """One collection (or a tree shaped like one) -> the same in ``model``'s variable layout,
+    or in the layout of ``like`` (a collection; ``{}``: one entry per layer); the identity for
+    a backbone with a single layout (no ``layout_variables``)."""
     convert = getattr(model, "layout_variables", None)
     if convert is None:
-        return variables
-    return {name: convert(tree, like) for name, tree in variables.items()}
+        return lambda tree: tree
+    return lambda tree: convert(tree, like)
+
+
+def in_layout(model: nn.Module, variables: dict, like: dict | None = None) -> dict:
+    """``variables`` (``{collection: tree}``, real or abstract arrays) in ``model``'s variable
+    layout, or in the layout of ``like`` (``layout_converter``)."""
+    convert = layout_converter(model, like)
+    return {name: convert(tree) for name, tree in variables.items()}
 
 
 def _resolve(field: str, value, choices, on_cpu: str, elsewhere: str, also: str = "") -> str:
