@@ -181,6 +181,11 @@ def _listed_images(root: pathlib.Path, on_missing: str) -> list[dict]:
     return headers
 
 
+def _folder(path) -> pathlib.Path:
+    """A folder given on the command line or in the config, ``~`` expanded, absolute."""
+    return pathlib.Path(os.path.expanduser(str(path))).absolute()
+
+
 def _write_json_atomically(path: pathlib.Path, value) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
@@ -256,7 +261,7 @@ def build(root, out, *, image_size: int, resize: str = "stretch", num_workers: i
     if records_per_shard < 1:
         raise UserError(f"--records_per_shard must be >= 1, got {records_per_shard}")
     root = mura.resolve_root(root)
-    out = pathlib.Path(os.path.expanduser(str(out))).absolute()
+    out = _folder(out)
     headers = _listed_images(root, on_missing)
     num_shards = max(1, -(-len(headers) // records_per_shard))
     settings = {"format": FORMAT, "version": VERSION, "image_size": image_size,
@@ -379,7 +384,7 @@ def _check_manifest(manifest: dict, directory, data_config) -> None:
 def cached_keys(data_config) -> frozenset[str]:
     """The keys (images) of the cache at ``config.data.cache``, checked against
     ``config.data`` (its root's CSVs included)."""
-    directory = pathlib.Path(os.path.expanduser(str(data_config.cache))).absolute()
+    directory = _folder(data_config.cache)
     return frozenset(_checked_manifest(directory, data_config)["keys"])
 
 
@@ -388,7 +393,7 @@ def csv_copies(data_config) -> tuple[pathlib.Path, frozenset[str], str]:
     ``config.data.root``: its copies of the CSVs (checked against the manifest's csv_digest),
     its keys (the images that exist) and the name of the folder it was built from. UserError
     for a cache built before caches held the copies."""
-    directory = pathlib.Path(os.path.expanduser(str(data_config.cache))).absolute()
+    directory = _folder(data_config.cache)
     manifest = _checked_manifest(directory, data_config)
     folder = directory / CSV_DIR
     if not all((folder / name).is_file() for name in CSV_FILES):
@@ -452,7 +457,7 @@ class CachedPixels:
 def pixels_for_index(index: mura.MuraIndex, data_config) -> CachedPixels:
     """The cache at ``config.data.cache``, checked against ``config.data``, mapped onto
     ``index``'s images. UserError if it is missing, does not match or lacks an image."""
-    directory = pathlib.Path(os.path.expanduser(str(data_config.cache))).absolute()
+    directory = _folder(data_config.cache)
     manifest = _checked_manifest(directory, data_config)
     number = {key: i for i, key in enumerate(manifest["keys"])}
     keys = [record_key(r) for r in index.images]
@@ -486,7 +491,7 @@ def split_for_prediction(directory, split: str, *, image_size: int,
     if split not in PREDICT_SPLITS:
         raise UserError(f"config.eval.split={split!r}: predicting from a cache takes one of "
                         f"{', '.join(PREDICT_SPLITS)}")
-    directory = pathlib.Path(os.path.expanduser(str(directory))).absolute()
+    directory = _folder(directory)
     settings = ml_collections.ConfigDict({"root": "", "image_size": int(image_size),
                                           "resize": str(resize)})
     manifest = _checked_manifest(directory, settings)  # no root: the CSVs are not read
