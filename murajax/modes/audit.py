@@ -31,9 +31,10 @@ from absl import logging
 from murajax import evaluation, tasks
 from murajax.data.files import ImageInput
 from murajax.errors import UserError
+from murajax.inference.cam import load_original
 from murajax.inference.predictor import Predictor
 from murajax.modes.evaluate import evaluation_config, predict_split
-from murajax.modes.predict import write_overlays
+from murajax.modes.predict import cached_sources, write_overlays
 
 SUSPECT_COLUMNS = ("study", "study_type", "label", "probability", "score")
 TOP = 20  # studies in suspects.md, with CAM overlays
@@ -195,19 +196,15 @@ def _write_markdown(path: Path, split: str, steps, ranked, scores, overlays, tot
     path.write_text("\n".join(lines) + "\n")
 
 
-def _cached_sources(index, data_config) -> tuple[dict, ...]:
-    """``({'load': ...}, {'original': ...})`` drawing the overlays on the cached images (as
+def _cached_sources(index, data_config) -> dict:
+    """``predict.cached_sources`` (the overlays drawn on the cached images, as
     ``--mode=predict`` on a cache does) for a run read from the image cache alone (empty
-    ``config.data.root``: the original images may be absent); ``({}, {})`` otherwise."""
+    ``config.data.root``: the original images may be absent); ``{}`` otherwise."""
     if data_config.root or not data_config.get("cache", ""):
-        return {}, {}
-    from murajax.data import cache, images
-    from murajax.inference.cam import as_rgb
+        return {}
+    from murajax.data import cache
 
-    pixels = cache.pixels_for_index(index, data_config)
-    position = {r.path: i for i, r in enumerate(index.images)}
-    return ({"load": lambda item: images.normalize(pixels.pixels(position[item.path]))},
-            {"original": lambda path: as_rgb(pixels.pixels(position[path]))})
+    return cached_sources(cache.pixels_for_index(index, data_config))
 
 
 def audit_workdir(overrides, workdir: str | os.PathLike, *,
@@ -243,9 +240,10 @@ def audit_workdir(overrides, workdir: str | os.PathLike, *,
                                     evaluation.study_type_name(int(record.study_type)), name))
         overlays.append(names)
     sources = _cached_sources(index, scored.config.data)
-    predictions = predictor.predict_images(items, cam=True, **sources[0])
+    predictions = predictor.predict_images(items, cam=True, load=sources.get("load"))
     errors = list(predictions.errors)
-    errors += write_overlays(predictor, predictions.rows, out_dir / "cam", **sources[1])
+    errors += write_overlays(predictor, predictions.rows, out_dir / "cam",
+                             original=sources.get("original", load_original))
     failed = {image for image, _ in errors}  # unreadable, or the overlay failed
     drawn = {row.name for row in predictions.rows if row.image not in failed}
     overlays = [[name for name in names if name in drawn] for names in overlays]

@@ -154,17 +154,25 @@ def run_predict(workdir: str | os.PathLike, inputs, output_dir: str | os.PathLik
                         "--config.data.cache (the cached images of config.eval.split), not both")
     from murajax import checkpoints
     from murajax.data import cache as cache_lib
-    from murajax.data import images
 
     config = checkpoints.load_run_config(workdir)
     split = str(config.eval.split) if split is None else str(split)
     pixels, keys = cache_lib.split_for_prediction(cache, split,
                                                   image_size=int(config.data.image_size),
                                                   resize=str(config.data.resize))
-    position = {key: i for i, key in enumerate(keys)}
     logging.info("Predicting the %d cached images of the %r split of %s.", len(keys), split,
                  cache)
     predictor = Predictor.from_workdir(workdir, top_k=top_k, **kwargs)
-    return _write(predictor, keyed_images(keys), output_dir, cam=cam,
-                  load=lambda item: images.normalize(pixels.pixels(position[item.path])),
-                  original=lambda key: as_rgb(pixels.pixels(position[key])))
+    return _write(predictor, keyed_images(keys), output_dir, cam=cam, **cached_sources(pixels))
+
+
+def cached_sources(pixels) -> dict:
+    """``{'load', 'original'}`` for ``_write`` (``Predictor.predict_images``' ``load`` and
+    ``write_overlays``' ``original``): an image named by one of ``pixels.paths`` (a
+    ``murajax.data.cache.CachedPixels``) as the model's input and as RGB for its overlay,
+    both from the cached pixels, so no original file is read."""
+    from murajax.data import images
+
+    position = {path: i for i, path in enumerate(pixels.paths)}
+    return {"load": lambda item: images.normalize(pixels.pixels(position[item.path])),
+            "original": lambda path: as_rgb(pixels.pixels(position[path]))}
