@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from murajax import checkpoints, synthetic
@@ -29,8 +30,8 @@ def _free_port() -> int:
 def _launch(workdir, root, devices, extra=(), env_extra=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "MURAJAX_COMPILATION_CACHE": os.environ.get(
-               "MURAJAX_TEST_CACHE", "/tmp/murajax-test-xla"), **(env_extra or {})}
+           "MURAJAX_COMPILATION_CACHE": jax.config.jax_compilation_cache_dir,
+           **(env_extra or {})}
     args = [sys.executable, str(REPO / "launch.py"), "--config", "smoke",
             f"--workdir={workdir}", f"--config.data.root={root}", "--config.data.image_size=32",
             "--config.batch_size=8", "--config.eval_batch_size=8", "--config.num_epochs=1",
