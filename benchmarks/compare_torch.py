@@ -41,9 +41,9 @@ def _worker(kind: str, conn, args: dict) -> None:
     info: dict = {}
     if kind == "murajax":
         if args.get("compilation_cache"):
-            import jax
+            from murajax import xla_cache
 
-            jax.config.update("jax_compilation_cache_dir", args["compilation_cache"])
+            xla_cache.enable(args["compilation_cache"])
         from murajax import bench
 
         session = bench.StepBench(args["model"], args["batch_size"], args["image_size"],

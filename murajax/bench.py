@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from murajax import command_flags, host_memory, models, optim, parallel, train_state
+from murajax import command_flags, host_memory, models, optim, parallel, train_state, xla_cache
 from murajax.configs import default as default_config
 from murajax.errors import UserError
 
@@ -713,8 +713,7 @@ def main(argv=None) -> int:
     if argv is None:  # as a command: measure what murajax runs (host_memory's huge pages)
         host_memory.reexec_with_huge_pages()
     if args.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        xla_cache.enable(args.compilation_cache, min_compile_seconds=0.0)
     if args.pipeline_only:
         return _report(_measure_pipeline, format_pipeline_table, args)
     return _report(_measure_steps, format_table, args)

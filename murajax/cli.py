@@ -27,7 +27,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from murajax import configs, host_memory
+from murajax import configs, host_memory, xla_cache
 from murajax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -140,9 +140,8 @@ def _start_jax(config) -> None:
     import jax
 
     cache = os.environ.get("MURAJAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/murajax/xla"))
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if cache:  # capped, so locked: concurrent runs (a sweep) share it safely
+        xla_cache.enable(cache, min_compile_seconds=1.0)
     dist = config.distributed
     if dist.enabled:
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":

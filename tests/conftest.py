@@ -8,12 +8,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import tempfile  # noqa: E402
 
-import jax  # noqa: E402
+from murajax import xla_cache  # noqa: E402
 
 # Tests build the same tiny programs many times (every train_and_evaluate compiles its steps);
 # a persistent compilation cache shared by the session turns most compiles into loads.
-jax.config.update(
-    "jax_compilation_cache_dir",
+# Capped, so jax locks it: the two xdist workers and their subprocesses write it concurrently.
+xla_cache.enable(
     os.environ.get("MURAJAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "murajax-test-xla")),
+    min_compile_seconds=0.5,
 )
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -98,12 +98,13 @@ def _drive(workdir: str, overrides_json: str) -> None:
 
 def subprocess_env(compilation_cache: str) -> dict[str, str]:
     """One CPU device in every subprocess, and the given persistent compilation cache."""
+    from murajax import xla_cache
+
     env = dict(os.environ)
     env.update({
         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
         "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": compilation_cache,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+        **xla_cache.subprocess_env(compilation_cache, min_compile_seconds=0.5),
         "MURAJAX_COMPILATION_CACHE": compilation_cache,  # launch.py's own setting
         "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
         "PYTHONUNBUFFERED": "1",
