@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
@@ -54,7 +55,6 @@ import sys
 import time
 from typing import Sequence
 
-import ml_collections
 import numpy as np
 from absl import logging
 from PIL import Image
@@ -331,11 +331,25 @@ def build(root, out, *, image_size: int, resize: str = "stretch", num_workers: i
 # Reading.
 
 
-def _checked_manifest(directory: pathlib.Path, data_config) -> dict:
-    """The manifest of the cache in ``directory``, checked against ``config.data``
+@dataclasses.dataclass(frozen=True)
+class Wanted:
+    """What a reader needs of a cache: its ``image_size`` and ``resize``, and with ``root`` set
+    (a MURA-v1.1 folder), that it was built from that root's CSVs."""
+
+    image_size: int
+    resize: str
+    root: str = ""
+
+    @classmethod
+    def of(cls, data_config) -> "Wanted":
+        return cls(int(data_config.image_size), str(data_config.resize),
+                   str(data_config.root or ""))
+
+
+def _checked_manifest(directory: pathlib.Path, wanted: Wanted) -> dict:
+    """The manifest of the cache in ``directory``, checked against ``wanted``
     (``_check_manifest``); UserError if it is missing, unreadable or does not match."""
-    rebuild = build_command(data_config.root, directory, data_config.image_size,
-                            data_config.resize)
+    rebuild = build_command(wanted.root, directory, wanted.image_size, wanted.resize)
     if not directory.is_dir():
         raise UserError(f"config.data.cache: {directory} is not a folder. Build the cache "
                         f"first: {rebuild}")
@@ -355,25 +369,24 @@ def _checked_manifest(directory: pathlib.Path, data_config) -> dict:
         raise UserError(f"config.data.cache: {directory} is a {fmt!r} cache of version "
                         f"{version!r}; this murajax reads {FORMAT!r} version {VERSION}. Rebuild "
                         f"it: {rebuild}")
-    _check_manifest(manifest, directory, data_config)
+    _check_manifest(manifest, directory, wanted)
     return manifest
 
 
-def _check_manifest(manifest: dict, directory, data_config) -> None:
-    """UserError naming the first field where ``manifest`` does not match ``config.data``
-    (image_size, resize; the source CSVs' digest when ``config.data.root`` is set)."""
+def _check_manifest(manifest: dict, directory, wanted: Wanted) -> None:
+    """UserError naming the first field where ``manifest`` does not match ``wanted``
+    (image_size, resize; the source CSVs' digest when ``wanted.root`` is set)."""
     # Into a new folder: the build refuses to finish one holding other settings.
-    rebuild = build_command(data_config.root, "<new folder>", data_config.image_size,
-                            data_config.resize)
+    rebuild = build_command(wanted.root, "<new folder>", wanted.image_size, wanted.resize)
     for field in ("image_size", "resize"):
-        want = data_config[field]
+        want = getattr(wanted, field)
         if manifest[field] != want:
             raise UserError(
                 f"config.data.cache: {directory} was built with {field}={manifest[field]!r}, "
                 f"but config.data.{field} is {want!r}. Set --config.data.{field}="
                 f"{manifest[field]}, or build a cache for {field}={want!r}: {rebuild}")
-    if data_config.root:
-        root = mura.resolve_root(data_config.root)
+    if wanted.root:
+        root = mura.resolve_root(wanted.root)
         if csv_digest(root) != manifest["csv_digest"]:
             raise UserError(
                 f"config.data.cache: {directory} was built from other CSVs than those in "
@@ -385,7 +398,7 @@ def cached_keys(data_config) -> frozenset[str]:
     """The keys (images) of the cache at ``config.data.cache``, checked against
     ``config.data`` (its root's CSVs included)."""
     directory = _folder(data_config.cache)
-    return frozenset(_checked_manifest(directory, data_config)["keys"])
+    return frozenset(_checked_manifest(directory, Wanted.of(data_config))["keys"])
 
 
 def csv_copies(data_config) -> tuple[pathlib.Path, frozenset[str], str]:
@@ -394,7 +407,7 @@ def csv_copies(data_config) -> tuple[pathlib.Path, frozenset[str], str]:
     its keys (the images that exist) and the name of the folder it was built from. UserError
     for a cache built before caches held the copies."""
     directory = _folder(data_config.cache)
-    manifest = _checked_manifest(directory, data_config)
+    manifest = _checked_manifest(directory, Wanted.of(data_config))
     folder = directory / CSV_DIR
     if not all((folder / name).is_file() for name in CSV_FILES):
         raise UserError(
@@ -458,7 +471,7 @@ def pixels_for_index(index: mura.MuraIndex, data_config) -> CachedPixels:
     """The cache at ``config.data.cache``, checked against ``config.data``, mapped onto
     ``index``'s images. UserError if it is missing, does not match or lacks an image."""
     directory = _folder(data_config.cache)
-    manifest = _checked_manifest(directory, data_config)
+    manifest = _checked_manifest(directory, Wanted.of(data_config))
     number = {key: i for i, key in enumerate(manifest["keys"])}
     keys = [record_key(r) for r in index.images]
     missing = [k for k in keys if k not in number]
@@ -492,9 +505,8 @@ def split_for_prediction(directory, split: str, *, image_size: int,
         raise UserError(f"config.eval.split={split!r}: predicting from a cache takes one of "
                         f"{', '.join(PREDICT_SPLITS)}")
     directory = _folder(directory)
-    settings = ml_collections.ConfigDict({"root": "", "image_size": int(image_size),
-                                          "resize": str(resize)})
-    manifest = _checked_manifest(directory, settings)  # no root: the CSVs are not read
+    # No root: the CSVs are not read.
+    manifest = _checked_manifest(directory, Wanted(int(image_size), str(resize)))
     numbers = [i for i, key in enumerate(manifest["keys"])
                if split == "all" or key.startswith(split + "/")]
     if not numbers:
