@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from murajax import optim
 from murajax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -426,7 +427,11 @@ def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
 
 
 def check_compatible(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a run whose checkpoints belong to another architecture."""
+    """Refuses (UserError) to resume the run in ``workdir`` with a config whose state its
+    checkpoints would not fit: another architecture, an EMA or a running loss added or
+    dropped, and once it has checkpoints, another ``optim.trainable`` or a warm-up added or
+    dropped (another optimizer state). Also checks ``config.optim.trainable`` itself."""
+    trainable = optim.trainable_from_config(config.optim)
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         return
@@ -454,6 +459,28 @@ def check_compatible(workdir: str | Path, config: ml_collections.ConfigDict) -> 
             f"this run has config.reweight.mode={now!r}: a running loss cannot be added to or "
             "dropped from a run mid-way; use another --workdir, or keep re-weighting on (or "
             "off) as it was")
+    _check_same_optimizer_state(Path(workdir), saved, config, trainable)
+
+
+def _check_same_optimizer_state(workdir: Path, saved, config, trainable: str) -> None:
+    """Refuses another ``optim.trainable``, or a warm-up added or dropped, than those of the
+    run whose checkpoints ``workdir`` holds: its optimizer state would not fit them."""
+    if not any((workdir / CHECKPOINT_DIR).glob("[0-9]*")):
+        return
+    saved = saved.optim
+    before = saved.get("trainable", "all")
+    if before != trainable:
+        raise UserError(f"{workdir} holds checkpoints of a run with "
+                        f"config.optim.trainable={before!r}, but this run has {trainable!r}: "
+                        "use another --workdir (with --config.init_from="
+                        f"{workdir} to start from that run's weights)")
+    if optim.has_warmup(saved) != optim.has_warmup(config.optim):  # another optimizer state
+        fields = ("warmup_steps", "warmup_epochs")
+        raise UserError(f"{workdir} holds checkpoints of a run with " + ", ".join(
+            f"config.optim.{f}={saved.get(f, 0)}" for f in fields) + ", but this run has " +
+            ", ".join(f"{f}={config.optim.get(f, 0)}" for f in fields) + ": a warm-up cannot be "
+            "added to or dropped from a run mid-way (its length may change); use another "
+            "--workdir, or keep the warm-up on (or off) as it was")
 
 
 def _reweighting(config: ml_collections.ConfigDict) -> str:

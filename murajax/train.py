@@ -340,7 +340,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     checkpoints.check_compatible(workdir, config)
-    _check_same_trainable(workdir, config)
     train_state.ema_decay_from_config(config)  # a bad config.ema.decay fails before any work
     reweight.from_config(config)  # so does a bad config.reweight field
     teacher.from_config(config)  # and a bad config.teacher field
@@ -393,30 +392,6 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
             writer.close()
     summary["history"] = progress.history
     return summary
-
-
-def _check_same_trainable(workdir: Path, config) -> None:
-    """``config.optim.trainable`` checked, and refused when it (or whether there is a warm-up)
-    differs from that of the run whose checkpoints ``workdir`` holds (its optimizer state would
-    not fit them)."""
-    trainable = optim.trainable_from_config(config.optim)
-    if not (workdir / checkpoints.CONFIG_FILE).is_file() or not any(
-            (workdir / checkpoints.CHECKPOINT_DIR).glob("[0-9]*")):
-        return
-    saved = checkpoints.load_run_config(workdir).optim
-    before = saved.get("trainable", "all")
-    if before != trainable:
-        raise UserError(f"{workdir} holds checkpoints of a run with "
-                        f"config.optim.trainable={before!r}, but this run has {trainable!r}: "
-                        "use another --workdir (with --config.init_from="
-                        f"{workdir} to start from that run's weights)")
-    if optim.has_warmup(saved) != optim.has_warmup(config.optim):  # another optimizer state
-        fields = ("warmup_steps", "warmup_epochs")
-        raise UserError(f"{workdir} holds checkpoints of a run with " + ", ".join(
-            f"config.optim.{f}={saved.get(f, 0)}" for f in fields) + ", but this run has " +
-            ", ".join(f"{f}={config.optim.get(f, 0)}" for f in fields) + ": a warm-up cannot be "
-            "added to or dropped from a run mid-way (its length may change); use another "
-            "--workdir, or keep the warm-up on (or off) as it was")
 
 
 def _summary_of(record: dict) -> dict:
