@@ -65,18 +65,27 @@ def date_entries_without_atime(folder) -> int:
     return written
 
 
+def is_local(folder) -> bool:
+    """Whether ``folder`` is on this machine's filesystems (not ``gs://...`` and the like)."""
+    text = os.fspath(folder)
+    return "://" not in text or text.startswith("file://")
+
+
 def enable(folder, *, max_bytes: int | None = None, min_compile_seconds: float = 1.0) -> None:
-    """Points jax's persistent compilation cache at ``folder`` with a size cap (so with jax's
-    file lock), after dating its entries that lack an ``-atime`` file. Call it before the
-    first compile: jax reads these settings once."""
+    """Points jax's persistent compilation cache at ``folder``: for a local folder with a size
+    cap (so with jax's file lock), after dating its entries that lack an ``-atime`` file; a
+    remote one (``gs://...``) as jax has it by default, uncapped (no file lock works there).
+    Call it before the first compile: jax reads these settings once."""
     import jax
 
-    folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
-    os.makedirs(folder, exist_ok=True)
-    date_entries_without_atime(folder)
+    folder = os.fspath(folder)
+    if is_local(folder):
+        folder = os.path.abspath(os.path.expanduser(folder.removeprefix("file://")))
+        os.makedirs(folder, exist_ok=True)
+        date_entries_without_atime(folder)
+        jax.config.update("jax_compilation_cache_max_size",
+                          max_bytes_from_env() if max_bytes is None else int(max_bytes))
     jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_compilation_cache_max_size",
-                      max_bytes_from_env() if max_bytes is None else int(max_bytes))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
 
 

@@ -33,6 +33,12 @@ def test_entries_without_atime_are_dated_and_the_capped_cache_accepts_writes(tmp
     assert cache.get("jit_f-0123") is None
 
 
+def test_only_local_folders_are_capped():
+    assert xla_cache.is_local("/tmp/x") and xla_cache.is_local("file:///tmp/x")
+    assert xla_cache.is_local("~/.cache/murajax/xla")
+    assert not xla_cache.is_local("gs://bucket/xla")
+
+
 def test_a_missing_folder_has_nothing_to_date(tmp_path):
     assert xla_cache.date_entries_without_atime(tmp_path / "absent") == 0
 
