@@ -2,8 +2,8 @@
 
     python benchmarks/torch_pipeline.py --torch-python /tmp/torchvenv/bin/python \
         [--data-root MURA-v1.1] [--cache DIR | --build-cache] [--image-size 320] \
-        [--batch-size 16] [--num-workers 0] [--batches 25] [--warmup 3] [--rounds 3] \
-        [--json out.json]
+        [--batch-size 16] [--num-workers 0] [--batches 25] [--cache-batches N] [--warmup 3] \
+        [--rounds 3] [--json out.json]
 
 The driver (run it with murajax's Python) runs, in alternating rounds in one session (ABC,
 then CBA, ...), ``python -m murajax.bench --pipeline-only`` on the PNG files, on the cache
@@ -130,9 +130,10 @@ def _run_json(command: list[str], out: pathlib.Path) -> dict:
     return json.loads(out.read_text())
 
 
-def _common(args) -> list[str]:
+def _common(args, batches: int | None = None) -> list[str]:
     return ["--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-            "--num-workers", str(args.num_workers), "--batches", str(args.batches),
+            "--num-workers", str(args.num_workers),
+            "--batches", str(args.batches if batches is None else batches),
             "--warmup", str(args.warmup)]
 
 
@@ -142,10 +143,11 @@ def runs(args, root: pathlib.Path, cache: str) -> dict[str, list[str]]:
     kinds = {"murajax PNG": bench + ["--augment-on", "host"],
              "murajax PNG, augment on device": bench + ["--augment-on", "device"]}
     if cache:
+        cached = [args.murajax_python, "-m", "murajax.bench", "--pipeline-only",
+                  "--data-root", str(root), "--cache", cache] + _common(args, args.cache_batches)
         kinds["murajax cache, augment on host"] = bench + ["--cache", cache,
                                                            "--augment-on", "host"]
-        kinds["murajax cache, augment on device"] = bench + ["--cache", cache,
-                                                             "--augment-on", "device"]
+        kinds["murajax cache, augment on device"] = cached + ["--augment-on", "device"]
     kinds["torchvision"] = [args.torch_python, str(pathlib.Path(__file__).resolve()),
                             "--torch-worker", "--data-root", str(root),
                             "--torch-threads", str(args.torch_threads)] + _common(args)
@@ -172,8 +174,8 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
 
 def format_summary(summary: dict, rounds: int, args) -> str:
     lines = [f"{args.image_size}px, batch {args.batch_size}, {args.num_workers} worker(s), "
-             f"{args.batches} batches after {args.warmup}, median of {rounds} alternating "
-             "rounds",
+             f"{args.batches} batches after {args.warmup} (the cache on the device: "
+             f"{args.cache_batches or args.batches}), median of {rounds} alternating rounds",
              f"{'':36}{'images/CPU-s':>14}{'images/s wall':>15}"]
     for kind, figures in summary["kinds"].items():
         lines.append(f"{kind:<36}{figures['pipeline_images_per_cpu_s']:>14.1f}"
@@ -254,6 +256,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--batches", type=int, default=25)
+    parser.add_argument("--cache-batches", type=int, default=None,
+                        help="batches for the cache with augmentation on the device (default "
+                        "--batches; may exceed an epoch, read on into the next: it reads a "
+                        "small split's epoch in a fraction of a second)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default="")

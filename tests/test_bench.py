@@ -6,6 +6,7 @@ consistent with the others.
 
 import json
 import math
+import pathlib
 
 import jax
 import pytest
@@ -141,6 +142,18 @@ def test_pipeline_only_reports_throughput_per_wall_and_cpu_second(mura_root, tmp
     assert "images per CPU-second" in capsys.readouterr().out
 
 
+def test_pipeline_only_times_batches_beyond_one_epoch_in_the_next_epochs(mura_root, tmp_path):
+    from murajax.data import mura, pipeline
+
+    per_epoch = pipeline.steps_per_epoch(len(mura.read_split(mura_root, "train").images), 8)
+    out = tmp_path / "pipeline.json"
+    batches = 2 * per_epoch + 1  # after one warm-up batch: into a third epoch
+    assert bench.main(_pipeline_args(mura_root, out, "--batches", str(batches))) == 0
+    r = json.loads(out.read_text())
+    assert r["pipeline_batches"] == batches and r["pipeline_epochs"] == 3
+    assert r["pipeline_images_per_cpu_s"] == pytest.approx(8 * batches / r["pipeline_cpu_s"])
+
+
 def test_pipeline_only_input_stall(mura_root, tmp_path):
     out = tmp_path / "stall.json"
     assert bench.main(_pipeline_args(mura_root, out, "--stall", "--stall-steps", "2")) == 0
@@ -158,8 +171,8 @@ def test_pipeline_only_refuses_impossible_requests(mura_root, tmp_path, capsys):
     out = tmp_path / "x.json"
     assert bench.main(["--pipeline-only", "--cache", str(tmp_path)]) == 2
     assert "--data-root" in capsys.readouterr().err
-    assert bench.main(_pipeline_args(mura_root, out, "--batches", "1000")) == 2
-    assert "--batches" in capsys.readouterr().err and not out.exists()
+    assert bench.main(_pipeline_args(mura_root, out, "--warmup", "1000")) == 2
+    assert "--warmup" in capsys.readouterr().err and not out.exists()
     if jax.device_count() > 1:  # the step shards the batch: refused before any timing
         assert bench.main(_pipeline_args(mura_root, out, "--stall", "--batch-size",
                                          str(jax.device_count() + 1))) == 2
@@ -190,7 +203,6 @@ def test_tree_cpu_time_counts_a_child_process_once_alive_and_once_reaped():
 
 def _torch_pipeline():
     import importlib.util
-    import pathlib
 
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_pipeline.py"
     spec = importlib.util.spec_from_file_location("torch_pipeline", path)
@@ -227,3 +239,24 @@ def test_side_by_side_ratios_are_per_round_medians():
     cache_png = summary["ratios"]["murajax cache, augment on device / murajax PNG"]
     assert cache_png["median"] == pytest.approx(25.0) and cache_png["max"] == pytest.approx(
         7e3 / 240)
+
+
+def test_the_cache_on_the_device_can_be_timed_over_more_batches_than_the_rest():
+    import argparse
+
+    tp = _torch_pipeline()
+    args = argparse.Namespace(murajax_python="py", torch_python="tpy", image_size=32,
+                              batch_size=8, num_workers=0, batches=5, cache_batches=50,
+                              warmup=1, torch_threads=1)
+    kinds = tp.runs(args, pathlib.Path("/data/MURA-v1.1"), "/data/cache")
+
+    def batches(command):
+        return int(command[command.index("--batches") + 1])
+
+    assert batches(kinds["murajax cache, augment on device"]) == 50
+    assert {batches(c) for k, c in kinds.items() if k != "murajax cache, augment on device"} \
+        == {5}
+    assert "--cache" in kinds["murajax cache, augment on device"]
+    args.cache_batches = None
+    assert batches(tp.runs(args, pathlib.Path("/r"), "/c")["murajax cache, augment on device"]) \
+        == 5
