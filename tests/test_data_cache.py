@@ -71,6 +71,22 @@ def test_cached_pixels_are_the_decoded_and_resized_images(mura_root, built):
     assert header["width"] == images.decode(first.path).width
 
 
+def test_pixels_read_without_the_header_equal_the_decoded_record():
+    rng = np.random.default_rng(0)
+    header = {"key": "train/XR_HAND/patient1/study1_negative/image1.png", "error": None}
+    for pixels in (rng.integers(0, 256, (5, 5), np.uint8),
+                   rng.integers(0, 256, (5, 5, 3), np.uint8)):
+        data = cache.encode_record(header, pixels)
+        np.testing.assert_array_equal(cache.record_pixels(data, 5), cache.decode_record(data)[1])
+        assert cache.record_pixels(data, 5).shape == pixels.shape
+    unreadable = cache.encode_record(dict(header, error="truncated"), None)
+    assert cache.record_pixels(unreadable, 5) is None
+    with pytest.raises(ValueError, match="48 pixel bytes in a cache of 5 px"):
+        cache.record_pixels(cache.encode_record(header, np.zeros((4, 4, 3), np.uint8)), 5)
+    with pytest.raises(ValueError, match="not a murajax image-cache record"):
+        cache.record_pixels(b"PNG..." + bytes(30), 5)
+
+
 def test_batches_from_the_cache_equal_those_from_the_files(mura_root, built):
     out, _ = built
     # No augmentation: exactly the same batches.

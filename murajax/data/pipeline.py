@@ -244,12 +244,14 @@ class _BatchBuilder:
         on_device = o.augment_on == "device"  # neither flipped nor rotated here
         # Channels first, normalised in the step: a grey image is three contiguous copies
         # (0.008 ms at 320 px, against 0.11 ms for three strided channel writes of [S, S, 3]).
-        image = np.zeros((b, 3, s, s), dtype=np.uint8)
+        # Not zeroed first (a cached image's whole cost is 0.1 ms): each row is written below.
+        image = np.empty((b, 3, s, s), dtype=np.uint8)
         mask = np.zeros((b,), dtype=np.float32)
         label = np.full((b,), -1, dtype=np.int32)
         study_type = np.full((b,), -1, dtype=np.int32)
         for i, pos in enumerate(positions):
             if pos < 0:
+                image[i] = 0
                 continue
             label[i] = self.labels[pos]
             study_type[i] = self.study_types[pos]
@@ -260,6 +262,7 @@ class _BatchBuilder:
             except UserError:
                 if o.on_bad_image == "error":
                     raise
+                image[i] = 0
                 continue  # mask stays 0; the main process counts and logs it
             pixels = np.asarray(transformed, np.uint8)
             if pixels.ndim == 2:
