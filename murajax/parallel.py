@@ -68,6 +68,20 @@ def xla_compiler_options() -> dict[str, str]:
     return {"xla_disable_hlo_passes": ",".join(dict.fromkeys(passes))}
 
 
+def _owned_by_the_caller(fn: Callable) -> Callable:
+    """``fn`` as a new function object, so that jax's caches, which are keyed by the function
+    object, keep the programs compiled from it only as long as the caller keeps it. Jitting a
+    module-level function directly keeps every program compiled from it, one per run's
+    configuration, until the process ends: a sweep in one process (or a long test session)
+    then piles up XLA:CPU code mappings until the kernel's ``vm.max_map_count`` stops it."""
+
+    @functools.wraps(fn)
+    def owned(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return owned
+
+
 class CompiledOnFirstCall:
     """A jitted or pmapped step, compiled ahead of its first call and then reused.
 
@@ -127,13 +141,13 @@ class JitStrategy:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         self.train_step = CompiledOnFirstCall(jax.jit(
-            steps.train_step,
+            _owned_by_the_caller(steps.train_step),
             in_shardings=(self.replicated, self.data_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=0,
         ), "train step")
         self.eval_step = CompiledOnFirstCall(jax.jit(
-            _eval_with_positions,
+            _owned_by_the_caller(_eval_with_positions),
             in_shardings=(self.replicated, self.data_sharding),
             out_shardings=self.replicated,
         ), "eval step")
@@ -160,7 +174,13 @@ class JitStrategy:
 
 
 class PmapStrategy:
-    """One replica per local device; collectives over the ``batch`` axis."""
+    """One replica per local device; collectives over the ``batch`` axis.
+
+    Unlike ``JitStrategy``'s, its compiled steps outlive it: jax 0.10 runs ``pmap`` through a
+    cache (``jax._src.pmap._cached_shard_map``) whose entries hold the pmapped function
+    itself, so nothing compiled from it is freed before ``jax.clear_caches()``. A sweep of
+    pmap runs in one process should call that between runs (docs/reliability.md, Limits).
+    """
 
     bn_axis_name = PMAP_AXIS
 

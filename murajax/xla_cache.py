@@ -3,7 +3,10 @@
 Without a size cap, jax writes a cache entry in place and without a lock (``lru_cache.put``:
 ``write_bytes``), so a second process starting the same program - a sweep's runs, the
 processes of a multi-host job on one machine, two test workers - can read an entry while it is
-being written, and deserialising a truncated executable can crash the process. With
+being written. Its decompression then fails (entries are zlib or zstd streams, which detect
+a torn one), and jax warns and compiles the program again: no crash, but wasted work and a
+warning that looks like one. (The test suite's rare segfault in ``deserialize_executable``
+was another thing: the process's memory-mapping limit, docs/reliability.md.) With
 ``jax_compilation_cache_max_size`` set, jax takes a file lock (the ``filelock`` package) around
 every read and write and evicts the least recently used entries above the cap. ``enable`` turns
 that on.

@@ -6,7 +6,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc  # noqa: E402
 import tempfile  # noqa: E402
+import warnings  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 from murajax import xla_cache  # noqa: E402
 
@@ -17,3 +22,29 @@ xla_cache.enable(
     os.environ.get("MURAJAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "murajax-test-xla")),
     min_compile_seconds=0.5,
 )
+
+
+def _memory_mappings() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every compiled program when a test module ends.
+
+    Each XLA:CPU executable keeps a few memory mappings for its code, and jax keeps an
+    executable for as long as its function lives. The tests jit module-level functions such
+    as ``steps.train_step`` directly, and jax keeps every pmapped function (murajax's
+    ``JitStrategy`` frees its own: ``test_parallel.py`` checks). Without this, a worker of
+    this suite held about 60,000 mappings by its end, near Linux's ``vm.max_map_count``
+    (65,530), where loading the next executable from the persistent cache segfaulted inside
+    ``deserialize_executable``.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
+    if os.path.exists("/proc/self/maps") and _memory_mappings() > 20_000:
+        warnings.warn(f"{_memory_mappings()} memory mappings are still held after the module's "
+                      "programs were released: something keeps compiled programs alive",
+                      stacklevel=1)
