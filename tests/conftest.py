@@ -14,6 +14,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from murajax import xla_cache  # noqa: E402
+from tests.helpers import memory_mappings  # noqa: E402
 
 # Tests build the same tiny programs many times (every train_and_evaluate compiles its steps);
 # a persistent compilation cache shared by the session turns most compiles into loads.
@@ -22,11 +23,6 @@ xla_cache.enable(
     os.environ.get("MURAJAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "murajax-test-xla")),
     min_compile_seconds=0.5,
 )
-
-
-def _memory_mappings() -> int:
-    with open("/proc/self/maps") as maps:
-        return sum(1 for _ in maps)
 
 
 # Linux refuses a process more than vm.max_map_count (65,530 by default) memory mappings.
@@ -46,11 +42,11 @@ def _release_compiled_programs():
     Releasing only above a threshold keeps the programs modules share in memory otherwise.
     """
     yield
-    if not os.path.exists("/proc/self/maps") or _memory_mappings() < _RELEASE_ABOVE:
+    if not os.path.exists("/proc/self/maps") or memory_mappings() < _RELEASE_ABOVE:
         return
     jax.clear_caches()
     gc.collect()
-    if _memory_mappings() > _RELEASE_ABOVE // 2:
-        warnings.warn(f"{_memory_mappings()} memory mappings are still held after the module's "
+    if (held := memory_mappings()) > _RELEASE_ABOVE // 2:
+        warnings.warn(f"{held} memory mappings are still held after the module's "
                       "programs were released: something keeps compiled programs alive",
                       stacklevel=1)

@@ -96,3 +96,10 @@ def train_with_two_interruptions(make_config, workdir, steps_per_epoch: int) -> 
     final = train.train_and_evaluate(make_config(), workdir)
     assert not final["preempted"]
     return final
+
+
+def memory_mappings() -> int:
+    """The memory mappings this process holds (Linux: lines of /proc/self/maps). Every loaded
+    XLA:CPU executable holds some for its code, and the kernel caps them (vm.max_map_count)."""
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)

@@ -150,11 +150,6 @@ def test_unknown_parallelism_is_refused():
         parallel.create_strategy("dp", 8, 8)
 
 
-def _memory_mappings() -> int:
-    with open("/proc/self/maps") as maps:
-        return sum(1 for _ in maps)
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts Linux memory mappings")
 def test_a_jit_strategys_compiled_steps_are_freed_with_it():
     """A sweep in one process builds a strategy per run. Its compiled programs (each holding
@@ -167,10 +162,10 @@ def test_a_jit_strategys_compiled_steps_are_freed_with_it():
         state = strategy.init_state(helpers.tiny_state)
         jax.block_until_ready(strategy.eval_step(
             state, strategy.shard_batch(helpers.random_batch(batch_size))))
-        held = _memory_mappings()
+        held = helpers.memory_mappings()
         del strategy, state
         gc.collect()
-        return held, _memory_mappings()
+        return held, helpers.memory_mappings()
 
     compile_eval_step_and_drop(4)  # warms up what every run shares (the init, small ops)
     held, before = compile_eval_step_and_drop(8)
@@ -178,4 +173,4 @@ def test_a_jit_strategys_compiled_steps_are_freed_with_it():
     assert per_program > 20, "the compiled step should hold code mappings while alive"
     for batch_size in (12, 16, 20):  # a new program each time
         compile_eval_step_and_drop(batch_size)
-    assert _memory_mappings() - before < per_program
+    assert helpers.memory_mappings() - before < per_program
