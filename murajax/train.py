@@ -67,7 +67,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path, task) -> Data
                 "config.data.root is empty: set --config.data.root=/path/to/MURA-v1.1, or "
                 "--config.data.synthetic_studies=N to train on generated MURA-format data"
             )
-        root = workdir / "data" / "MURA-v1.1"
+        # Absolute, as config.json records it: evaluate and predict may run from another folder.
+        root = workdir.absolute() / "data" / "MURA-v1.1"
         if jax.process_index() == 0 and not (root / "valid_labeled_studies.csv").is_file():
             from murajax import synthetic
 

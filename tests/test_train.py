@@ -1,12 +1,13 @@
 """The training loop: exact resume, checkpoints kept, logging, and the demo actually learning."""
 
 import json
+import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from murajax import checkpoints, synthetic, train
+from murajax import checkpoints, synthetic, tasks, train
 from murajax.errors import UserError
 from tests import helpers
 
@@ -189,3 +190,13 @@ def test_warm_up_resumes_bit_identical_and_cannot_be_switched_on_mid_run(mura_ro
                                                    rel=2 * float(np.finfo(np.float32).eps))
     with pytest.raises(UserError, match="a warm-up cannot be added to or dropped from a run"):
         train.train_and_evaluate(config(), uninterrupted[0])
+
+
+def test_synthetic_data_is_recorded_by_absolute_path(tmp_path, monkeypatch):
+    """A run in a relative workdir records its generated data's folder absolute, so evaluate
+    and predict find it from any working folder."""
+    monkeypatch.chdir(tmp_path)
+    config = helpers.tiny_config(**{"data.synthetic_studies": 14})
+    data = train.prepare_data(config, pathlib.Path("runs/demo"), tasks.from_config(config))
+    assert config.data.root == str(tmp_path / "runs/demo/data/MURA-v1.1")
+    assert data.root.is_absolute() and len(data.valid.images) > 0
