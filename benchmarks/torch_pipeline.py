@@ -3,13 +3,15 @@
     python benchmarks/torch_pipeline.py --torch-python /tmp/torchvenv/bin/python \
         [--data-root MURA-v1.1] [--cache DIR | --build-cache] [--image-size 320] \
         [--batch-size 16] [--num-workers 0] [--batches 25] [--cache-batches N] [--warmup 3] \
-        [--rounds 3] [--json out.json]
+        [--rounds 3] [--grey] [--json out.json]
 
 The driver (run it with murajax's Python) runs, in alternating rounds in one session (ABC,
 then CBA, ...), ``python -m murajax.bench --pipeline-only`` on the PNG files, on the cache
 (``--cache``, or ``--build-cache`` into a temporary folder), each once with the flips and
 rotations on the host and once with ``augment_on='device'`` (the host hands over uint8 pixels,
 decoded and resized for PNGs, read for the cache; the train step flips, rotates and normalises),
+with ``--grey`` also the PNG path (host augmentation) and the cache (device augmentation)
+with ``config.data.colour='grey'`` (one-plane batches),
 and this file's ``--torch-worker`` mode under ``--torch-python``: what a PyTorch user writes,
 ``PIL`` ``.convert('RGB')``, torchvision ``Resize((S, S))``, ``RandomHorizontalFlip()``,
 ``RandomRotation(30)``, ``ToTensor()``, ``Normalize(ImageNet)`` in a ``DataLoader`` with the same
@@ -148,6 +150,11 @@ def runs(args, root: pathlib.Path, cache: str) -> dict[str, list[str]]:
         kinds["murajax cache, augment on host"] = bench + ["--cache", cache,
                                                            "--augment-on", "host"]
         kinds["murajax cache, augment on device"] = cached + ["--augment-on", "device"]
+    if args.grey:
+        kinds["murajax PNG, grey"] = bench + ["--augment-on", "host", "--colour", "grey"]
+        if cache:
+            kinds["murajax cache, grey, augment on device"] = cached + [
+                "--augment-on", "device", "--colour", "grey"]
     kinds["torchvision"] = [args.torch_python, str(pathlib.Path(__file__).resolve()),
                             "--torch-worker", "--data-root", str(root),
                             "--torch-threads", str(args.torch_threads)] + _common(args)
@@ -164,6 +171,7 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
     pairs += [(k, "torchvision") for k in kinds if k == "murajax PNG, augment on device"]
     pairs += [(k, "murajax PNG") for k in kinds if k.startswith("murajax cache")]
     pairs += [(k, "torchvision") for k in kinds if k.startswith("murajax cache")]
+    pairs += [(k, "murajax PNG, grey") for k in kinds if k.startswith("murajax cache, grey")]
     for a, b in pairs:
         per_round = [r[a]["pipeline_images_per_cpu_s"] / r[b]["pipeline_images_per_cpu_s"]
                      for r in rounds]
@@ -262,6 +270,9 @@ def main(argv=None) -> int:
                         "small split's epoch in a fraction of a second)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--grey", action="store_true",
+                        help="also time the PNG path and the cache with "
+                        "config.data.colour='grey' (one-plane batches)")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     if args.torch_worker:

@@ -6,7 +6,7 @@
         [--compilation-cache DIR] [--json FILE]
     python -m murajax.bench --pipeline-only [--data-root MURA-v1.1] [--cache DIR]
         [--image-size 320] [--batch-size 8] [--num-workers 0|N|auto] [--batches 20]
-        [--warmup 2] [--augment-on host|device] [--stall] [--json FILE]
+        [--warmup 2] [--augment-on host|device] [--colour keep|grey] [--stall] [--json FILE]
 
 (absl flags, murajax/command_flags.py: ``--help`` lists them; ``--batch_size`` works too.)
 This module owns the benchmark: building a bench state, timing the compiled steps, the table
@@ -267,7 +267,7 @@ def pipeline_images_per_s(image_size: int, batch_size: int, *, studies: int = 40
 
 def pipeline_config(image_size: int, *, cache: str = "", num_workers: int | str = 0,
                     prefetch: int = 2, augment_on: str = "", resize: str = "stretch",
-                    model: str = "densenet_tiny", batch_size: int = 8):
+                    model: str = "densenet_tiny", batch_size: int = 8, colour: str = ""):
     """The paper's config (flips, 30-degree rotations) with these input settings."""
     config = default_config.get_config()
     config.model.name = model
@@ -279,6 +279,8 @@ def pipeline_config(image_size: int, *, cache: str = "", num_workers: int | str 
         data.cache = os.path.expanduser(cache)
     if augment_on:
         data.augment_on = augment_on
+    if colour:
+        data.colour = colour
     return config
 
 
@@ -349,13 +351,14 @@ def time_loader(index, config, batch_size: int, *, batches: int, warmup: int) ->
             "pipeline_images_per_cpu_s": images / cpu if cpu > 0 else None,
             "pipeline_wall_s": wall, "pipeline_cpu_s": cpu, "pipeline_batches": batches,
             "pipeline_epochs": epoch + 1, "pipeline_image_dtype": str(batch["image"].dtype),
+            "pipeline_image_shape": list(batch["image"].shape),
             "cpu_accounting": cpu_time.METHOD}
 
 
 def pipeline_only(data_root: str = "", cache: str = "", image_size: int = 320,
                   batch_size: int = 16, num_workers: int | str = 0, prefetch: int = 2,
                   batches: int = 20, warmup: int = 2, augment_on: str = "",
-                  studies: int = 150, stall: bool = False, stall_steps: int = 10,
+                  colour: str = "", studies: int = 150, stall: bool = False, stall_steps: int = 10,
                   model: str = "densenet_tiny", log=print) -> dict[str, Any]:
     """``--pipeline-only``: the training input pipeline (PNG files, or the cache) on its own,
     and with ``stall`` the training loop's input stall; the flat dict ``--json`` writes."""
@@ -368,7 +371,7 @@ def pipeline_only(data_root: str = "", cache: str = "", image_size: int = 320,
         parallel.check_batch_size(batch_size, "--batch-size")
     config = pipeline_config(image_size, cache=cache, num_workers=num_workers,
                              prefetch=prefetch, augment_on=augment_on, model=model,
-                             batch_size=batch_size)
+                             batch_size=batch_size, colour=colour)
     with tempfile.TemporaryDirectory() as tmp:
         if data_root:
             root = pathlib.Path(os.path.expanduser(data_root))
@@ -384,6 +387,7 @@ def pipeline_only(data_root: str = "", cache: str = "", image_size: int = 320,
             "image_size": image_size, "batch_size": batch_size,
             "num_workers": pipeline.resolve_num_workers(config.data.num_workers),
             "prefetch": prefetch, "augment_on": config.data.get("augment_on", "host"),
+            "colour": config.data.colour,
             "warmup": warmup, "train_images": len(index.images),
             **_host_environment(),
         }
@@ -476,7 +480,8 @@ _PIPELINE_ROWS = [
 def format_pipeline_table(result: dict[str, Any]) -> str:
     head = (f"input pipeline: {result['pipeline_source']} ({result['data_root']}), "
             f"{result['image_size']}px, batch {result['batch_size']}, "
-            f"{result['num_workers']} worker(s), augment on {result['augment_on']}")
+            f"{result['num_workers']} worker(s), augment on {result['augment_on']}, "
+            f"colour {result.get('colour', 'keep')}")
     lines = [head, "-" * len(head)]
     for label, key, fmt in _PIPELINE_ROWS:
         if key is None:
@@ -707,6 +712,9 @@ def _define_flags(values) -> None:
     flags.DEFINE_enum("augment-on", "", ["", "host", "device"],
                       "--pipeline-only: config.data.augment_on (empty: the config's default)",
                       flag_values=f)
+    flags.DEFINE_enum("colour", "", ["", "keep", "grey"],
+                      "--pipeline-only: config.data.colour (empty: the config's default)",
+                      flag_values=f)
     flags.DEFINE_integer("studies", 150, "--pipeline-only without --data-root: synthetic "
                          "studies (about 2.4 train images each)", flag_values=f)
     flags.DEFINE_bool("stall", False, "--pipeline-only: also train --stall-model on the "
@@ -755,7 +763,7 @@ def _measure_pipeline(args) -> dict:
         data_root=args.data_root, cache=args.cache, image_size=args.image_size,
         batch_size=args.batch_size, num_workers=int(workers) if workers.isdigit() else workers,
         prefetch=args.prefetch, batches=args.batches, warmup=args.warmup,
-        augment_on=args.augment_on, studies=args.studies, stall=args.stall,
+        augment_on=args.augment_on, colour=args.colour, studies=args.studies, stall=args.stall,
         stall_steps=args.stall_steps, model=args.stall_model, log=_log)
 
 

@@ -247,16 +247,21 @@ def test_the_cache_on_the_device_can_be_timed_over_more_batches_than_the_rest():
     tp = _torch_pipeline()
     args = argparse.Namespace(murajax_python="py", torch_python="tpy", image_size=32,
                               batch_size=8, num_workers=0, batches=5, cache_batches=50,
-                              warmup=1, torch_threads=1)
+                              warmup=1, torch_threads=1, grey=True)
     kinds = tp.runs(args, pathlib.Path("/data/MURA-v1.1"), "/data/cache")
 
     def batches(command):
         return int(command[command.index("--batches") + 1])
 
-    assert batches(kinds["murajax cache, augment on device"]) == 50
-    assert {batches(c) for k, c in kinds.items() if k != "murajax cache, augment on device"} \
-        == {5}
-    assert "--cache" in kinds["murajax cache, augment on device"]
+    on_device = ("murajax cache, augment on device", "murajax cache, grey, augment on device")
+    assert [batches(kinds[k]) for k in on_device] == [50, 50]
+    assert {batches(c) for k, c in kinds.items() if k not in on_device} == {5}
+    assert all("--cache" in kinds[k] for k in on_device)
+    # --grey: the PNG path and the cache once more with config.data.colour='grey'.
+    greys = [k for k, c in kinds.items() if c[-2:] == ["--colour", "grey"]]
+    assert greys == ["murajax PNG, grey", "murajax cache, grey, augment on device"]
+    args.grey = False
+    assert not any("grey" in k for k in tp.runs(args, pathlib.Path("/r"), "/c"))
     args.cache_batches = None
     assert batches(tp.runs(args, pathlib.Path("/r"), "/c")["murajax cache, augment on device"]) \
         == 5

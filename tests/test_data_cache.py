@@ -118,6 +118,46 @@ def test_batches_from_the_cache_equal_those_from_the_files(mura_root, built):
         np.testing.assert_array_equal(batch["image"][i], _channels_first(expected))
 
 
+def _luminance(batch_image):
+    """A 'keep' batch's ``[b, 3, S, S]`` as config.data.colour='grey' makes it: ``[b, 1, S, S]``."""
+    return np.stack([images.as_colour(row.transpose(1, 2, 0), "grey")
+                     for row in batch_image])[:, None]
+
+
+def test_grey_batches_are_one_plane_the_luminance_of_the_kept_colour(mura_root, built):
+    """config.data.colour='grey': each batch's image is ``[b, 1, S, S]``, the luminance of the
+    'keep' batch's (after the resize, flip and rotation), from the cache and the files alike;
+    the other fields are the same."""
+    out, _ = built
+    index = mura.index_from_config(_config(mura_root, out).data, "train")
+    configs = {}
+    for source, folder in (("cache", str(out)), ("files", "")):
+        for colour in ("keep", "grey"):
+            configs[source, colour] = _config(mura_root, folder, **{"data.colour": colour}).data
+
+    def loaders(config):
+        return (list(pipeline.eval_loader(index, config, global_batch_size=16))
+                + [next(iter(pipeline.train_loader(index, config, global_batch_size=8,
+                                                   seed=1, epoch=0)))])
+
+    coloured = 0
+    for source in ("cache", "files"):
+        for kept, grey in zip(loaders(configs[source, "keep"]), loaders(configs[source, "grey"])):
+            assert grey["image"].shape == (kept["image"].shape[0], 1, SIZE, SIZE)
+            np.testing.assert_array_equal(grey["image"], _luminance(kept["image"]))
+            for key in ("label", "study_type", "mask", "index"):
+                np.testing.assert_array_equal(grey[key], kept[key])
+            coloured += int(np.sum(np.any(kept["image"][:, 0] != kept["image"][:, 1],
+                                          axis=(1, 2))))
+    assert coloured > 0  # the synthetic set has tinted (RGB) images
+    # Unaugmented, the cache's grey batches are the files' (as with 'keep').
+    grey_cache, grey_files = (list(pipeline.eval_loader(index, configs[s, "grey"],
+                                                        global_batch_size=16))
+                              for s in ("cache", "files"))
+    for a, b in zip(grey_cache, grey_files):
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
 def test_device_augmentation_gets_the_cached_uint8_pixels(mura_root, built):
     out, _ = built
     config = _config(mura_root, out, **{"data.augment_on": "device"})
@@ -322,6 +362,37 @@ def test_predict_from_the_cache_equals_predicting_the_files(mura_root, built, tr
         predict.run_predict(workdir, [], tmp_path / "x", cache=str(out), split="test")
     with pytest.raises(UserError, match=f"image_size={SIZE}.*config.data.image_size"):
         cache.split_for_prediction(out, "valid", image_size=SIZE + 8, resize="stretch")
+
+
+
+def test_a_grey_run_from_the_cache_evaluates_and_predicts_as_from_the_files(mura_root, built,
+                                                                          tmp_path):
+    """config.data.colour='grey' with the augmentation on the device (the cheapest input): the
+    run trains on one-plane batches and saves the field; its evaluation and prediction from the
+    cache equal those from the PNG files."""
+    from murajax.modes import evaluate, predict
+
+    out, _ = built
+    workdir = tmp_path / "run"
+    config = _config(mura_root, out, **{"data.colour": "grey", "data.augment_on": "device",
+                                        "num_epochs": 1})
+    summary = train.train_and_evaluate(config, workdir)
+    assert np.isfinite(summary["val_loss"])
+    assert json.loads((workdir / "config.json").read_text())["data"]["colour"] == "grey"
+    reports = []
+    for overrides in ({}, {"data.cache": ""}):
+        folder = evaluate.evaluate_workdir({"eval.bootstrap_samples": 50, **overrides}, workdir)
+        reports.append((open(f"{folder}/predictions.csv").read(),
+                        json.loads(open(f"{folder}/report.json").read())["aggregate"]))
+    assert reports[0] == reports[1]
+    from_cache = predict.run_predict(workdir, [], tmp_path / "cache", cache=str(out))
+    from_files = predict.run_predict(workdir, [os.path.join(mura_root, "valid")],
+                                     tmp_path / "files")
+    by_key = {row.image.split("MURA-v1.1/", 1)[-1].replace(os.sep, "/"): row.view_probability
+              for row in from_files.rows}
+    np.testing.assert_allclose([row.view_probability for row in from_cache.rows],
+                               [by_key[row.image] for row in from_cache.rows], rtol=0,
+                               atol=8 * float(np.finfo(np.float32).eps))
 
 
 @pytest.fixture(scope="module")

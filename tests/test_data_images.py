@@ -198,3 +198,34 @@ def test_bad_resize_and_size():
         images.preprocess(a, 8, "foo")
     with pytest.raises(UserError, match="config.data.image_size must be a positive integer"):
         images.preprocess(a, 0, "pad")
+
+
+def test_grey_colour_is_pil_luminance_and_exact_for_grey_stored_as_rgb():
+    """config.data.colour='grey': a colour image becomes PIL's 'L' (ITU-R 601-2, integer
+    weights), a grey image stored as RGB its own grey levels exactly, a grey image stays as it
+    is; 'keep' changes nothing."""
+    rng = np.random.default_rng(3)
+    colour = rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    grey = images.as_colour(colour, "grey")
+    r, g, b = (colour[:, :, c].astype(np.int64) for c in range(3))
+    assert grey.shape == (9, 7) and grey.dtype == np.uint8
+    np.testing.assert_array_equal(grey, (19595 * r + 38470 * g + 7471 * b + 2**15) >> 16)
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    np.testing.assert_array_equal(images.as_colour(np.stack([levels] * 3, axis=2), "grey"),
+                                  levels)
+    np.testing.assert_array_equal(images.as_colour(levels, "grey"), levels)
+    np.testing.assert_array_equal(images.as_colour(colour, "keep"), colour)
+    # preprocess applies it after the resize: a grey-stored-as-RGB image as its grey self.
+    as_rgb = np.stack([levels] * 3, axis=2)
+    np.testing.assert_array_equal(images.preprocess(as_rgb, 8, "stretch", colour="grey"),
+                                  images.preprocess(levels, 8, "stretch"))
+    tinted = (as_rgb * np.asarray([1.0, 0.9, 0.8])).astype(np.uint8)
+    expected = images.normalize(images.as_colour(
+        np.asarray(images.transform(Image.fromarray(tinted), 8, "stretch")), "grey"))
+    np.testing.assert_array_equal(images.preprocess(tinted, 8, "stretch", colour="grey"),
+                                  expected)
+
+
+def test_bad_colour_is_a_user_error_naming_the_field():
+    with pytest.raises(UserError, match="config.data.colour must be 'keep'.*or 'grey'.*'gray'"):
+        images.check_colour("gray")

@@ -251,6 +251,36 @@ def test_train_step_augments_uint8_batches_with_the_documented_key():
     assert far > 100 * helpers.ROUNDING * norm(expected_grads)
 
 
+def test_a_grey_plane_reaches_the_model_as_its_three_plane_copy():
+    """config.data.colour='grey' ships one plane, [b, 1, S, S]: the train step's augmented
+    input and the eval step's normalised one equal those of the plane repeated three times,
+    bit for bit, and so do the predictor's logits."""
+    grey = _uint8((4, 1, 16, 16), seed=7)
+    three = np.repeat(grey, 3, axis=1)
+
+    def batch(image):
+        return {"image": jnp.asarray(image), "index": jnp.arange(4, dtype=jnp.int32) * 3,
+                "mask": jnp.asarray([1.0, 1.0, 0.0, 1.0])}
+
+    train_batch = jax.jit(device_augment.train_batch, static_argnums=3)
+    eval_batch = jax.jit(device_augment.eval_batch)
+    key = jax.random.key(3)
+    augmented = np.asarray(train_batch(batch(grey), key, 5, ON)["image"])
+    normalised = np.asarray(eval_batch(batch(grey))["image"])
+    assert augmented.shape == normalised.shape == (4, 16, 16, 3)
+    assert np.abs(augmented - normalised).max() > 1.0  # it was warped
+    np.testing.assert_array_equal(augmented,
+                                  np.asarray(train_batch(batch(three), key, 5, ON)["image"]))
+    np.testing.assert_array_equal(normalised, np.asarray(eval_batch(batch(three))["image"]))
+    config = helpers.tiny_config()
+    predictor = inference.Predictor(train_state.model_from_config(config),
+                                    helpers.tiny_state(config).variables,
+                                    image_size=config.data.image_size, batch_size=4)
+    pixels = _uint8((4, 1, 32, 32), seed=8)
+    np.testing.assert_array_equal(predictor.predict_logits(pixels)[0],
+                                  predictor.predict_logits(np.repeat(pixels, 3, axis=1))[0])
+
+
 def test_predictor_normalises_uint8_batches():
     config = helpers.tiny_config()
     state = helpers.tiny_state(config)

@@ -41,6 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.synthetic_studies = 0  # >0 and root empty: generate synthetic MURA in workdir
     config.data.image_size = 320
     config.data.resize = "stretch"  # 'stretch' (paper) or 'pad' (keep aspect ratio)
+    # 'keep' (the paper: a colour PNG stays colour) or 'grey': every image becomes its
+    # luminance (PIL's convert('L') after the resize, exact for a grey image stored as RGB) and
+    # batches ship one uint8 plane, which the step repeats to the model's three: colour no
+    # longer a cue, a third of the bytes to the device. No faster on the host's CPU where
+    # measured (2-core AVX-512: converting the colour images costs what the smaller batch saves;
+    # docs/performance.md, "Issue 15, sixth pass").
+    config.data.colour = "keep"
     config.data.hflip = True
     config.data.rotation_degrees = 30.0
     # Where hflip and rotation_degrees are applied: 'host' (the pipeline, PIL, float32 batches)

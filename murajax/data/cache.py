@@ -443,12 +443,15 @@ def csv_copies(data_config) -> tuple[pathlib.Path, frozenset[str], str]:
 
 class CachedPixels:
     """The resized uint8 pixels of an index's images, read from the cache (picklable: the
-    shard readers are opened lazily in each process)."""
+    shard readers are opened lazily in each process), in ``colour`` mode
+    (``images.as_colour``: 'grey' makes every image one plane, ``planes`` 1)."""
 
     def __init__(self, directory: pathlib.Path, shards: Sequence[str], records: np.ndarray,
-                 paths: Sequence[str], image_size: int):
+                 paths: Sequence[str], image_size: int, colour: str = "keep"):
         self.directory = str(directory)
         self.image_size = int(image_size)
+        self.colour = images_lib.check_colour(colour)
+        self.planes = 1 if self.colour == "grey" else 3
         self.shards = [str(directory / name) for name in shards]
         self.records = np.asarray(records, dtype=np.int64)  # index position -> record number
         self.paths = list(paths)
@@ -465,8 +468,11 @@ class CachedPixels:
         return self._source[int(self.records[pos])]
 
     def pixels(self, pos: int) -> np.ndarray:
-        """uint8 [S, S] (grayscale) or [S, S, 3]; UserError for an image unreadable at build
-        time."""
+        """uint8 [S, S] (grayscale) or [S, S, 3] (colour, with ``colour='keep'``); UserError for
+        an image unreadable at build time."""
+        return images_lib.as_colour(self._stored(pos), self.colour)
+
+    def _stored(self, pos: int) -> np.ndarray:
         data = self._read(pos)
         pixels = record_pixels(data, self.image_size)
         if pixels is None:
@@ -480,11 +486,12 @@ class CachedPixels:
     def image(self, pos: int, *, flip: bool = False, angle: float = 0.0):
         """The cached image, flipped and rotated as ``images.transform`` does (identity
         resize: it is already ``S`` x ``S``); the uint8 array itself when neither applies."""
-        pixels = self.pixels(pos)
         if not flip and not angle:
-            return pixels
-        image = Image.fromarray(pixels)
-        return images_lib.transform(image, pixels.shape[0], "stretch", flip=flip, angle=angle)
+            return self.pixels(pos)
+        pixels = self._stored(pos)  # as colour last, as the image files' path has it
+        image = images_lib.transform(Image.fromarray(pixels), pixels.shape[0], "stretch",
+                                     flip=flip, angle=angle)
+        return images_lib.as_colour(image, self.colour)
 
 
 def pixels_for_index(index: mura.MuraIndex, data_config) -> CachedPixels:
@@ -510,14 +517,15 @@ def pixels_for_index(index: mura.MuraIndex, data_config) -> CachedPixels:
                      manifest["resize"])
     return CachedPixels(directory, [s["file"] for s in manifest["shards"]],
                         np.asarray([number[k] for k in keys], dtype=np.int64),
-                        [r.path for r in index.images], manifest["image_size"])
+                        [r.path for r in index.images], manifest["image_size"],
+                        data_config.get("colour", "keep"))
 
 
 PREDICT_SPLITS = SPLITS + ("all",)
 
 
-def split_for_prediction(directory, split: str, *, image_size: int,
-                         resize: str) -> tuple[CachedPixels, list[str]]:
+def split_for_prediction(directory, split: str, *, image_size: int, resize: str,
+                         colour: str = "keep") -> tuple[CachedPixels, list[str]]:
     """``--mode=predict`` on a cache: the cached images of ``split`` ('train', 'valid' or
     'all') as a pixel source, and their keys (``record_key``), in record order. Needs no CSVs:
     only the run's ``image_size`` and ``resize``, which the cache must have been built with."""
@@ -534,7 +542,7 @@ def split_for_prediction(directory, split: str, *, image_size: int,
                         f"(it holds {manifest['splits']})")
     keys = [manifest["keys"][i] for i in numbers]
     pixels = CachedPixels(directory, [s["file"] for s in manifest["shards"]], numbers, keys,
-                          manifest["image_size"])
+                          manifest["image_size"], colour)
     return pixels, keys
 
 

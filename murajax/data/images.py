@@ -32,6 +32,9 @@ _OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
 NORMALISE_SCALE, NORMALISE_OFFSET = _SCALE, _OFFSET  # also the device's (data.device_augment)
 
 RESIZE_MODES = ("stretch", "pad")
+# config.data.colour: 'keep' (the paper: a colour image stays colour) or 'grey' (every image
+# becomes its luminance, one plane; see ``as_colour``).
+COLOUR_MODES = ("keep", "grey")
 
 _FIX = (
     "Remove it from the CSV (or the folder), replace it with a readable image, or set "
@@ -123,6 +126,26 @@ def check_resize(resize) -> str:
     return resize
 
 
+def check_colour(colour) -> str:
+    if colour not in COLOUR_MODES:
+        raise UserError(f"config.data.colour must be 'keep' (colour images stay colour, as in "
+                        f"the paper) or 'grey' (every image becomes one luminance plane), got "
+                        f"{colour!r}")
+    return colour
+
+
+def as_colour(pixels, colour: str) -> np.ndarray:
+    """uint8 ``[S, S]`` (grey) or ``[S, S, 3]`` pixels for ``config.data.colour``: with 'grey' a
+    colour image becomes its luminance, as PIL's ``convert('L')`` computes it (ITU-R 601-2,
+    ``(19595 R + 38470 G + 7471 B + 2**15) >> 16``: exact for a grey image stored as RGB), so
+    every image is one plane; with 'keep' the pixels as they are. Applied last, after the
+    resize, flip and rotation, wherever pixels are made (files, the cache, prediction)."""
+    a = np.asarray(pixels, dtype=np.uint8)
+    if colour == "keep" or a.ndim == 2:
+        return a
+    return np.asarray(Image.fromarray(a).convert("L"))
+
+
 def check_image_size(image_size) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or (
         image_size < 1
@@ -210,16 +233,14 @@ def normalize_into(image, out: np.ndarray) -> None:
             np.take(_LUT_CHANNELS[c], a[:, :, c], out=out[:, :, c])
 
 
-def transform_and_normalize(image: Image.Image, image_size, resize, *, flip=False, angle=0.0):
-    return normalize(transform(image, image_size, resize, flip=flip, angle=angle))
-
-
-def preprocess(image_uint8, image_size, resize, *, flip=False, angle=0.0) -> np.ndarray:
+def preprocess(image_uint8, image_size, resize, *, flip=False, angle=0.0,
+               colour: str = "keep") -> np.ndarray:
     """uint8 HxWx3 (or HxW) -> float32 (image_size, image_size, 3), ImageNet-normalised.
 
     ``resize``: 'stretch' (both sides to ``image_size``, as in the paper) or 'pad' (longest side
     to ``image_size``, aspect ratio kept, centred, black padding). ``flip``: mirror left-right.
-    ``angle``: rotation in degrees about the centre (corners filled black).
+    ``angle``: rotation in degrees about the centre (corners filled black). ``colour``:
+    ``config.data.colour`` (``as_colour``, after the transform).
     """
     resize = check_resize(resize)
     image_size = check_image_size(image_size)
@@ -234,4 +255,5 @@ def preprocess(image_uint8, image_size, resize, *, flip=False, angle=0.0) -> np.
         image = Image.fromarray(a)
     else:
         raise ValueError(f"preprocess expects HxW or HxWx3 pixels, got shape {a.shape}")
-    return transform_and_normalize(image, image_size, resize, flip=flip, angle=angle)
+    transformed = transform(image, image_size, resize, flip=flip, angle=angle)
+    return normalize(as_colour(transformed, check_colour(colour)))

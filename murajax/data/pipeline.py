@@ -7,11 +7,14 @@ check that the train split holds at least one batch.
 
 Batches are dicts of numpy arrays with local batch size ``b = global_batch_size / process_count``::
 
-    image       uint8   [b, 3, S, S]  resized, and flipped and rotated unless
+    image       uint8   [b, C, S, S]  resized, and flipped and rotated unless
                                   ``data.augment_on='device'``; channels first (the cheapest
-                                  layout to fill from grey images); the step transposes and
-                                  normalises it (``murajax.data.device_augment``, bit-identical
-                                  to the host's table): a quarter of the float32 bytes
+                                  layout to fill from grey images); C = 3, or 1 with
+                                  ``data.colour='grey'`` (every image one luminance plane, a
+                                  third of the bytes); the step transposes, repeats one plane
+                                  to three and normalises (``murajax.data.device_augment``,
+                                  bit-identical to the host's table): a quarter of the float32
+                                  bytes
     label       int32   [b]           1 abnormal, 0 normal, -1 unknown
     study_type  int32   [b]           index into STUDY_TYPES, -1 unknown
     mask        float32 [b]           1 real example; 0 padding or an unreadable image (skipped)
@@ -180,6 +183,7 @@ class _Options:
                                                                           "host"))
         # .get: the saved config.json of a run from before the cache has no such field.
         self.cache = str(data_config.get("cache", "") or "")
+        self.colour = images_lib.check_colour(data_config.get("colour", "keep"))
 
 
 def _check_processes(global_batch_size, process_index, process_count, field):
@@ -206,16 +210,22 @@ def _seed_words(*values) -> list[int]:
 
 
 class _FilePixels:
-    """The image files as a pixel source: decoded and resized (+ flipped, rotated) per use."""
+    """The image files as a pixel source: decoded and resized (+ flipped, rotated) per use.
+
+    ``planes``, as every pixel source has it: the planes of a batch's images, 1 when every
+    image is grey (``config.data.colour='grey'``), else 3."""
 
     def __init__(self, index: MuraIndex, options: _Options):
         self.paths = [r.path for r in index.images]
         self.image_size = options.image_size
         self.resize = options.resize
+        self.colour = options.colour
+        self.planes = 1 if options.colour == "grey" else 3
 
     def image(self, pos: int, *, flip: bool = False, angle: float = 0.0):
-        return images_lib.transform(images_lib.decode(self.paths[pos]), self.image_size,
-                                    self.resize, flip=flip, angle=angle)
+        image = images_lib.transform(images_lib.decode(self.paths[pos]), self.image_size,
+                                     self.resize, flip=flip, angle=angle)
+        return images_lib.as_colour(image, self.colour)
 
 
 def _pixel_source(index: MuraIndex, options: _Options, data_config):
@@ -243,9 +253,12 @@ class _BatchBuilder:
         s = o.image_size
         on_device = o.augment_on == "device"  # neither flipped nor rotated here
         # Channels first, normalised in the step: a grey image is three contiguous copies
-        # (0.008 ms at 320 px, against 0.11 ms for three strided channel writes of [S, S, 3]).
-        # Not zeroed first (a cached image's whole cost is 0.1 ms): each row is written below.
-        image = np.empty((b, 3, s, s), dtype=np.uint8)
+        # (0.008 ms at 320 px, against 0.11 ms for three strided channel writes of [S, S, 3]),
+        # or one plane when every image is grey (config.data.colour='grey'; the step
+        # repeats it). Not zeroed first (a cached image's whole cost is 0.1 ms): each row is
+        # written below.
+        planes = self.pixels.planes
+        image = np.empty((b, planes, s, s), dtype=np.uint8)
         mask = np.zeros((b,), dtype=np.float32)
         label = np.full((b,), -1, dtype=np.int32)
         study_type = np.full((b,), -1, dtype=np.int32)
@@ -266,7 +279,7 @@ class _BatchBuilder:
                 continue  # mask stays 0; the main process counts and logs it
             pixels = np.asarray(transformed, np.uint8)
             if pixels.ndim == 2:
-                image[i, 0] = image[i, 1] = image[i, 2] = pixels
+                image[i, :] = pixels  # each plane
             else:
                 image[i] = pixels.transpose(2, 0, 1)
             mask[i] = 1.0

@@ -34,13 +34,15 @@ from murajax.inference.cam import class_activation_maps
 DECODE_ERRORS = (UserError, OSError, ValueError, SyntaxError)
 
 
-def load_preprocessed(path: str | os.PathLike, image_size: int, resize: str) -> np.ndarray:
-    """One image as the network sees it at evaluation: float32 ``[S, S, 3]``, normalised."""
+def load_preprocessed(path: str | os.PathLike, image_size: int, resize: str,
+                      colour: str = "keep") -> np.ndarray:
+    """One image as the network sees it at evaluation: float32 ``[S, S, 3]``, normalised
+    (``colour``: ``config.data.colour``)."""
     from murajax.data import images
 
     # Grayscale DICOMs stay single-channel: preprocess replicates the channel after resizing.
     image = read_dicom(path) if is_dicom(path) else images.load_image(path)
-    return np.asarray(images.preprocess(image, image_size, resize), np.float32)
+    return np.asarray(images.preprocess(image, image_size, resize, colour=colour), np.float32)
 
 
 def describe_unreadable(path: str, error: BaseException) -> str:
@@ -104,7 +106,8 @@ class Predictor:
     Args:
       model: the DenseNet (``murajax.train_state.model_from_config(config)``).
       variables: one ``{'params', 'batch_stats'}`` per ensemble member.
-      image_size, resize: the evaluation transform (``config.data.image_size`` / ``.resize``).
+      image_size, resize, colour: the evaluation transform (``config.data.image_size``,
+        ``.resize``, ``.colour``).
       threshold: a study is abnormal when its probability exceeds it.
       batch_size: images per forward pass; the last batch is padded to it.
       num_workers: decoding threads (decoding and resizing release the GIL).
@@ -115,7 +118,7 @@ class Predictor:
 
     def __init__(self, model, variables: Sequence[dict], image_size: int,
                  resize: str = "stretch", threshold: float = 0.5, batch_size: int = 16,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, colour: str = "keep"):
         if isinstance(variables, dict):
             variables = [variables]
         if not variables:
@@ -131,6 +134,7 @@ class Predictor:
         self.variables = [jax.device_put(dict(v), self._device) for v in variables]
         self.image_size = int(image_size)
         self.resize = str(resize)
+        self.colour = images.check_colour(colour)
         self.threshold = float(threshold)
         self.batch_size = int(batch_size)
         if num_workers == "auto":  # config.data.num_workers's default: threads, not processes
@@ -173,6 +177,7 @@ class Predictor:
             [models.in_layout(model, v) for v in variables],
             image_size=int(config.data.image_size),
             resize=str(config.data.resize),
+            colour=config.data.get("colour", "keep"),
             threshold=float(config.eval.threshold if threshold is None else threshold),
             batch_size=int(batch_size or config.get("eval_batch_size", 16)),
             num_workers=num_workers,
@@ -186,7 +191,8 @@ class Predictor:
     def predict_logits(self, images: np.ndarray, *, cam: bool = False):
         """Preprocessed ``[N, S, S, 3]`` images -> per-member logits ``[M, N]`` (and per-member
         logit maps ``[M, N, h, w]`` with ``cam``), in fixed-size padded batches. uint8 images
-        (an eval batch's: ``[N, 3, S, S]``, channels first) are normalised first."""
+        (an eval batch's: ``[N, 3, S, S]`` or one plane ``[N, 1, S, S]``, channels first) are
+        normalised first."""
         if np.asarray(images).dtype == np.uint8:
             from murajax.data import device_augment
 
@@ -226,7 +232,7 @@ class Predictor:
         try:
             if load is not None:
                 return load(item)
-            return load_preprocessed(item.path, self.image_size, self.resize)
+            return load_preprocessed(item.path, self.image_size, self.resize, self.colour)
         except DECODE_ERRORS as e:
             return UserError(describe_unreadable(item.path, e))
 

@@ -159,7 +159,8 @@ def run_predict(workdir: str | os.PathLike, inputs, output_dir: str | os.PathLik
     split = str(config.eval.split) if split is None else str(split)
     pixels, keys = cache_lib.split_for_prediction(cache, split,
                                                   image_size=int(config.data.image_size),
-                                                  resize=str(config.data.resize))
+                                                  resize=str(config.data.resize),
+                                                  colour=config.data.get("colour", "keep"))
     logging.info("Predicting the %d cached images of the %r split of %s.", len(keys), split,
                  cache)
     predictor = Predictor.from_workdir(workdir, top_k=top_k, **kwargs)
