@@ -1,5 +1,5 @@
-"""MURA data: the reader (``mura``), finding image files (``files``), image decoding
-(``images``) and Grain pipelines (``pipeline``).
+"""MURA data: the reader (``mura``), CheXpert's CSVs (``chexpert``), finding image files
+(``files``), image decoding (``images``) and Grain pipelines (``pipeline``).
 
 The names below are imported lazily, so ``from murajax.data import images`` does not pull in
 Grain (and JAX) when only decoding is needed.

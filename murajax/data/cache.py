@@ -3,6 +3,13 @@
     python -m murajax.data.cache build --root /data/MURA-v1.1 --out /data/mura-cache-320 \
         --image_size 320 [--resize stretch|pad] [--num_workers N]
 
+``--root`` may also be a CheXpert folder (``CheXpert-v1.0-small``, holding train.csv and
+valid.csv; ``murajax.data.chexpert``): its records hold the 14 observations as ``labels`` (1.0,
+0.0, -1.0 uncertain, null blank) and ``sex``, ``age``, ``view``, ``projection`` in place of
+MURA's ``label`` and ``study_type``, and the manifest says ``dataset: chexpert``. Runs read only
+MURA caches today (a CheXpert cache is refused, naming why): the CheXpert task that will train
+on one is a later issue.
+
 then train (with its validation), ``--mode=evaluate``, ``audit`` and ``relabel`` read pixels from
 it with ``--config.data.cache=/data/mura-cache-320``, and need nothing else: the cache holds
 copies of the CSVs. ``--mode=predict`` with that field and no ``--input`` predicts the cached
@@ -27,8 +34,9 @@ spells it, ``study``, ``label``, ``study_type``, ``width`` and ``height`` of the
 uint8 pixels, ``[S, S]`` for a grayscale image and ``[S, S, 3]`` for a colour one, exactly
 ``images.transform(images.decode(path), S, resize)`` (no pickle anywhere). ``csv/`` (``CSV_DIR``)
 holds byte-for-byte copies of the four source CSVs (``CSV_FILES``; their ``csv_digest`` is the
-manifest's). ``manifest.json``, written last, holds the settings, the counts, the keys in record
-order, the shards and ``root_name`` (the name of the folder built from, as the CSVs may spell it).
+manifest's). ``manifest.json``, written last, holds the settings (``dataset``: 'mura' or
+'chexpert'; a cache without the field is MURA's), the counts, the keys in record order, the
+shards and ``root_name`` (the name of the folder built from, as the CSVs may spell it).
 
 Interrupting: ``build.json`` (the settings) is written before any shard and a rerun with other
 settings into the same folder is refused; each shard is written under a temporary name and
@@ -53,14 +61,14 @@ import pathlib
 import struct
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
+from murajax.data import chexpert, mura
 from murajax.data import images as images_lib
-from murajax.data import mura
 from murajax.errors import UserError
 
 FORMAT = "murajax-image-cache"
@@ -84,11 +92,12 @@ def record_key(record: mura.ImageRecord) -> str:
     return f"{record.study}/{os.path.basename(record.path)}"
 
 
-def csv_digest(root) -> str:
-    """sha256 of the source CSVs ({train,valid}_{image_paths,labeled_studies}.csv)."""
+def csv_digest(root, csv_files: Sequence[str] = CSV_FILES) -> str:
+    """sha256 of the source CSVs (MURA's {train,valid}_{image_paths,labeled_studies}.csv, or
+    the ``csv_files`` given)."""
     root = pathlib.Path(root)
     digest = hashlib.sha256()
-    for name in CSV_FILES:
+    for name in csv_files:
         path = root / name
         digest.update(path.name.encode() + b"\0")
         digest.update(path.read_bytes() if path.is_file() else b"<missing>")
@@ -181,8 +190,8 @@ def _shard_name(shard: int, num_shards: int) -> str:
     return f"images-{shard:05d}-of-{num_shards:05d}.array_record"
 
 
-def _listed_images(root: pathlib.Path, on_missing: str) -> list[dict]:
-    """The headers of every image the split CSVs list, train then valid, in row order."""
+def _listed_mura_images(root: pathlib.Path, on_missing: str) -> list[dict]:
+    """The headers of every image MURA's split CSVs list, train then valid, in row order."""
     headers = []
     for split in SPLITS:
         spelling = {}
@@ -198,6 +207,48 @@ def _listed_images(root: pathlib.Path, on_missing: str) -> list[dict]:
     return headers
 
 
+def _listed_chexpert_images(root: pathlib.Path, on_missing: str) -> list[dict]:
+    """The headers of every image CheXpert's train.csv then valid.csv list, in row order: the
+    14 observations as ``labels`` (1.0, 0.0, -1.0 uncertain, null blank), sex, age, view and
+    projection as the CSV has them."""
+    headers = []
+    for split in chexpert.SPLITS:
+        images, skipped = chexpert.read_split(root, split, on_missing=on_missing)
+        if skipped:
+            logging.warning("%s.csv: %d listed image(s) missing, left out (on_missing=skip).",
+                            split, skipped)
+        headers += [{"key": i.key, "csv_path": i.csv_path, "study": i.study,
+                     "labels": list(i.labels), "sex": i.sex, "age": i.age, "view": i.view,
+                     "projection": i.projection, "path": i.path} for i in images]
+    return headers
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dataset:
+    """What a build needs of a dataset: its name (the manifest's ``dataset``), its split CSVs
+    (digested and copied) and the headers of the images they list."""
+
+    name: str
+    csv_files: tuple[str, ...]
+    listed_images: Callable[[pathlib.Path, str], list[dict]]
+
+
+DATASETS = {"mura": _Dataset("mura", CSV_FILES, _listed_mura_images),
+            "chexpert": _Dataset("chexpert", chexpert.CSV_FILES, _listed_chexpert_images)}
+
+
+def _dataset_and_root(root) -> tuple[_Dataset, pathlib.Path]:
+    """The dataset of ``--root`` and its folder: a CheXpert folder (holding train.csv), or one
+    holding a ``CheXpert-v1.0*`` folder; else a MURA-v1.1 folder (``mura.resolve_root``, whose
+    errors name the fix)."""
+    if root is not None and str(root) != "":
+        path = _folder(root)
+        for candidate in (path, *sorted(path.glob("CheXpert-v1.0*"))):
+            if chexpert.is_folder(candidate):
+                return DATASETS["chexpert"], candidate
+    return DATASETS["mura"], mura.resolve_root(root)
+
+
 def _folder(path) -> pathlib.Path:
     """A folder given on the command line or in the config, ``~`` expanded, absolute."""
     return pathlib.Path(os.path.expanduser(str(path))).absolute()
@@ -209,21 +260,23 @@ def _write_json_atomically(path: pathlib.Path, value) -> None:
     os.replace(tmp, path)
 
 
-def _check_same_csvs(root: pathlib.Path, out: pathlib.Path, digest: str, recorded) -> None:
+def _check_same_csvs(root: pathlib.Path, out: pathlib.Path, digest: str, recorded,
+                     csv_files: Sequence[str] = CSV_FILES) -> None:
     """UserError if ``out``'s cache was built from other CSVs than those at ``root``."""
     if recorded != digest:
         raise UserError(
-            f"--root {root}: its CSVs ({', '.join(CSV_FILES)}) differ from those the cache in "
+            f"--root {root}: its CSVs ({', '.join(csv_files)}) differ from those the cache in "
             f"--out {out} was built from (csv_digest {digest[:12]}... here, "
-            f"{str(recorded)[:12]}... there). Point --root at the MURA-v1.1 folder the cache "
-            "was built from, or build into another --out folder.")
+            f"{str(recorded)[:12]}... there). Point --root at the folder the cache was built "
+            "from, or build into another --out folder.")
 
 
-def _copy_csvs(root: pathlib.Path, folder: pathlib.Path) -> None:
+def _copy_csvs(root: pathlib.Path, folder: pathlib.Path,
+               csv_files: Sequence[str] = CSV_FILES) -> None:
     """Copies the source CSVs byte for byte into ``folder`` (each written under a temporary
     name, then renamed), so that a run needs no ``config.data.root``."""
     folder.mkdir(exist_ok=True)
-    for name in CSV_FILES:
+    for name in csv_files:
         data, final = (root / name).read_bytes(), folder / name
         if final.is_file() and final.read_bytes() == data:
             continue
@@ -277,18 +330,21 @@ def build(root, out, *, image_size: int, resize: str = "stretch", num_workers: i
         raise UserError(f"--num_workers must be an integer >= 0, got {num_workers!r}")
     if records_per_shard < 1:
         raise UserError(f"--records_per_shard must be >= 1, got {records_per_shard}")
-    root = mura.resolve_root(root)
+    dataset, root = _dataset_and_root(root)
     out = _folder(out)
-    headers = _listed_images(root, on_missing)
+    headers = dataset.listed_images(root, on_missing)
     num_shards = max(1, -(-len(headers) // records_per_shard))
-    settings = {"format": FORMAT, "version": VERSION, "image_size": image_size,
-                "resize": resize, "csv_digest": csv_digest(root),
+    settings = {"format": FORMAT, "version": VERSION, "dataset": dataset.name,
+                "image_size": image_size, "resize": resize,
+                "csv_digest": csv_digest(root, dataset.csv_files),
                 "records_per_shard": records_per_shard, "num_records": len(headers)}
     out.mkdir(parents=True, exist_ok=True)
     if (out / BUILD).is_file():
         before = json.loads((out / BUILD).read_text())
+        before.setdefault("dataset", "mura")  # built before caches held other datasets
         changed = [k for k in settings if before.get(k) != settings[k]]
-        _check_same_csvs(root, out, settings["csv_digest"], before.get("csv_digest"))
+        _check_same_csvs(root, out, settings["csv_digest"], before.get("csv_digest"),
+                         dataset.csv_files)
         if changed:
             raise UserError(
                 f"--out {out} holds a cache built with other settings ("
@@ -298,7 +354,8 @@ def build(root, out, *, image_size: int, resize: str = "stretch", num_workers: i
         _write_json_atomically(out / BUILD, settings)
     if (out / MANIFEST).is_file():  # complete: a rerun adds what it lacks (the CSV copies)
         _check_same_csvs(root, out, settings["csv_digest"],
-                         json.loads((out / MANIFEST).read_text()).get("csv_digest"))
+                         json.loads((out / MANIFEST).read_text()).get("csv_digest"),
+                         dataset.csv_files)
     for stale in [*out.glob("*.tmp-*"), *out.glob(f"{CSV_DIR}/*.tmp-*")]:  # a killed build's
         stale.unlink()
 
@@ -331,7 +388,7 @@ def build(root, out, *, image_size: int, resize: str = "stretch", num_workers: i
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    _copy_csvs(root, out / CSV_DIR)
+    _copy_csvs(root, out / CSV_DIR, dataset.csv_files)
     manifest = dict(settings, splits={s: sum(1 for h in headers if h["key"].startswith(s + "/"))
                                       for s in SPLITS}, root_name=root.name,
                     keys=[h["key"] for h in headers],
@@ -356,6 +413,7 @@ class Wanted:
     image_size: int
     resize: str
     root: str = ""
+    dataset: str = "mura"  # the only one murajax trains on today
 
     @classmethod
     def of(cls, data_config) -> "Wanted":
@@ -395,6 +453,15 @@ def _check_manifest(manifest: dict, directory, wanted: Wanted) -> None:
     (image_size, resize; the source CSVs' digest when ``wanted.root`` is set)."""
     # Into a new folder: the build refuses to finish one holding other settings.
     rebuild = build_command(wanted.root, "<new folder>", wanted.image_size, wanted.resize)
+    dataset = manifest.get("dataset", "mura")
+    if dataset != wanted.dataset:
+        names = {"mura": "MURA", "chexpert": "CheXpert"}
+        raise UserError(
+            f"config.data.cache: {directory} is an image cache of {names.get(dataset, dataset)} "
+            f"(built from {manifest.get('root_name', '?')}), but this run reads "
+            f"{names.get(wanted.dataset, wanted.dataset)} (config.task='mura'); murajax has no "
+            f"{names.get(dataset, dataset)} task yet to train, evaluate or predict on it. Build "
+            f"a cache of the MURA-v1.1 folder: {rebuild}")
     for field in ("image_size", "resize"):
         want = getattr(wanted, field)
         if manifest[field] != want:
@@ -565,7 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "(train with --config.data.cache=<out>).")
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build", help="build the cache (a rerun finishes what is missing)")
-    b.add_argument("--root", required=True, help="the MURA-v1.1 folder")
+    b.add_argument("--root", required=True,
+                   help="the MURA-v1.1 folder, or a CheXpert-v1.0(-small) folder")
     b.add_argument("--out", required=True, help="the cache folder")
     b.add_argument("--image_size", type=int, required=True, help="config.data.image_size")
     b.add_argument("--resize", default="stretch", choices=images_lib.RESIZE_MODES,
@@ -584,9 +652,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"murajax.data.cache: error: {e}", file=sys.stderr, flush=True)
         return 2
+    out = pathlib.Path(args.out).absolute()
+    use = (f"train with --config.data.cache={out}" if manifest["dataset"] == "mura" else
+           f"a {manifest['dataset']} cache: no murajax task reads it yet")
     print(f"cache: {manifest['num_records']} images ({manifest['splits']}) in "
-          f"{len(manifest['shards'])} shard(s) at {pathlib.Path(args.out).absolute()}; train "
-          f"with --config.data.cache={pathlib.Path(args.out).absolute()}", flush=True)
+          f"{len(manifest['shards'])} shard(s) at {out}; {use}", flush=True)
     return 0
 
 

@@ -251,8 +251,9 @@ def _label_from_suffix(folder_name: str) -> int:
     return -1
 
 
-def read_csv_rows(path: pathlib.Path) -> list[tuple[int, list[str]]]:
-    """(1-based row number, fields) for the non-blank rows of a CSV file."""
+def read_csv_rows(path: pathlib.Path, download: str = "MURA-v1.1") -> list[tuple[int, list[str]]]:
+    """(1-based row number, fields) for the non-blank rows of a CSV file (``download``: the
+    dataset whose download a bad file is restored from, for the message)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = []
@@ -263,10 +264,10 @@ def read_csv_rows(path: pathlib.Path) -> list[tuple[int, list[str]]]:
             return rows
     except UnicodeDecodeError as e:
         raise UserError(
-            f"{path}: not a text CSV file ({e}). Restore it from the MURA-v1.1 download."
+            f"{path}: not a text CSV file ({e}). Restore it from the {download} download."
         ) from None
     except csv.Error as e:
-        raise UserError(f"{path}: malformed CSV ({e}). Restore it from the MURA-v1.1 download.")
+        raise UserError(f"{path}: malformed CSV ({e}). Restore it from the {download} download.")
 
 
 def _row_path(where: str, fields: list[str], root: pathlib.Path, split: str, *, row_form: str,
