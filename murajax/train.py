@@ -345,7 +345,7 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
     reweight.from_config(config)  # so does a bad config.reweight field
     teacher.from_config(config)  # and a bad config.teacher field
     device_augment.from_config(config)  # and a bad config.data.augment_on
-    images.check_colour(config.data.get("colour", "keep"))  # or config.data.colour
+    images.colour_from(config.data)  # and a bad config.data.colour
     if config.data.image_size < MIN_IMAGE_SIZE:  # source images of any size are resized to it
         raise UserError(
             f"config.data.image_size={config.data.image_size} is too small: DenseNet halves the "

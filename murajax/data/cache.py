@@ -225,16 +225,22 @@ def _listed_chexpert_images(root: pathlib.Path, on_missing: str) -> list[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class _Dataset:
-    """What a build needs of a dataset: its name (the manifest's ``dataset``), its split CSVs
-    (digested and copied) and the headers of the images they list."""
+    """What a build needs of a dataset: its name (the manifest's ``dataset``) and how messages
+    spell it, its split CSVs (digested and copied) and the headers of the images they list."""
 
     name: str
+    title: str
     csv_files: tuple[str, ...]
     listed_images: Callable[[pathlib.Path, str], list[dict]]
 
 
-DATASETS = {"mura": _Dataset("mura", CSV_FILES, _listed_mura_images),
-            "chexpert": _Dataset("chexpert", chexpert.CSV_FILES, _listed_chexpert_images)}
+DATASETS = {"mura": _Dataset("mura", "MURA", CSV_FILES, _listed_mura_images),
+            "chexpert": _Dataset("chexpert", "CheXpert", chexpert.CSV_FILES,
+                                 _listed_chexpert_images)}
+
+
+def _title(name: str) -> str:
+    return DATASETS[name].title if name in DATASETS else name
 
 
 def _dataset_and_root(root) -> tuple[_Dataset, pathlib.Path]:
@@ -455,13 +461,11 @@ def _check_manifest(manifest: dict, directory, wanted: Wanted) -> None:
     rebuild = build_command(wanted.root, "<new folder>", wanted.image_size, wanted.resize)
     dataset = manifest.get("dataset", "mura")
     if dataset != wanted.dataset:
-        names = {"mura": "MURA", "chexpert": "CheXpert"}
         raise UserError(
-            f"config.data.cache: {directory} is an image cache of {names.get(dataset, dataset)} "
-            f"(built from {manifest.get('root_name', '?')}), but this run reads "
-            f"{names.get(wanted.dataset, wanted.dataset)} (config.task='mura'); murajax has no "
-            f"{names.get(dataset, dataset)} task yet to train, evaluate or predict on it. Build "
-            f"a cache of the MURA-v1.1 folder: {rebuild}")
+            f"config.data.cache: {directory} is an image cache of {_title(dataset)} (built from "
+            f"{manifest.get('root_name', '?')}), but this run reads {_title(wanted.dataset)} "
+            f"(config.task='mura'); murajax has no {_title(dataset)} task yet to train, "
+            f"evaluate or predict on it. Build a cache of the MURA-v1.1 folder: {rebuild}")
     for field in ("image_size", "resize"):
         want = getattr(wanted, field)
         if manifest[field] != want:
@@ -511,14 +515,13 @@ def csv_copies(data_config) -> tuple[pathlib.Path, frozenset[str], str]:
 class CachedPixels:
     """The resized uint8 pixels of an index's images, read from the cache (picklable: the
     shard readers are opened lazily in each process), in ``colour`` mode
-    (``images.as_colour``: 'grey' makes every image one plane, ``planes`` 1)."""
+    (``images.as_colour``: 'grey' makes every image one plane)."""
 
     def __init__(self, directory: pathlib.Path, shards: Sequence[str], records: np.ndarray,
                  paths: Sequence[str], image_size: int, colour: str = "keep"):
         self.directory = str(directory)
         self.image_size = int(image_size)
         self.colour = images_lib.check_colour(colour)
-        self.planes = 1 if self.colour == "grey" else 3
         self.shards = [str(directory / name) for name in shards]
         self.records = np.asarray(records, dtype=np.int64)  # index position -> record number
         self.paths = list(paths)
@@ -585,7 +588,7 @@ def pixels_for_index(index: mura.MuraIndex, data_config) -> CachedPixels:
     return CachedPixels(directory, [s["file"] for s in manifest["shards"]],
                         np.asarray([number[k] for k in keys], dtype=np.int64),
                         [r.path for r in index.images], manifest["image_size"],
-                        data_config.get("colour", "keep"))
+                        images_lib.colour_from(data_config))
 
 
 PREDICT_SPLITS = SPLITS + ("all",)
@@ -654,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = pathlib.Path(args.out).absolute()
     use = (f"train with --config.data.cache={out}" if manifest["dataset"] == "mura" else
-           f"a {manifest['dataset']} cache: no murajax task reads it yet")
+           f"a {_title(manifest['dataset'])} cache: no murajax task reads it yet")
     print(f"cache: {manifest['num_records']} images ({manifest['splits']}) in "
           f"{len(manifest['shards'])} shard(s) at {out}; {use}", flush=True)
     return 0

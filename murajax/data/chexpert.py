@@ -63,7 +63,7 @@ def is_folder(path) -> bool:
         return f.readline().startswith("Path,")
 
 
-def _header_error(path: pathlib.Path, header: list[str]) -> str | None:
+def _header_error(header: list[str]) -> str | None:
     expected = list(METADATA + OBSERVATIONS)
     if header == expected:
         return None
@@ -119,7 +119,7 @@ def read_split(root, split: str, *, on_missing: str = "error") -> tuple[list[Che
     if not rows:
         raise UserError(f"{csv_file}: empty; it needs CheXpert's header and one row per image")
     header_line, header = rows[0]
-    problem = _header_error(csv_file, header)
+    problem = _header_error(header)
     if problem:
         raise UserError(f"{csv_file}, line {header_line}: {problem}. Restore it from the "
                         "download.")

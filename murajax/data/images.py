@@ -134,6 +134,11 @@ def check_colour(colour) -> str:
     return colour
 
 
+def colour_from(data_config) -> str:
+    """``config.data.colour``, checked; 'keep' for a run saved before the field existed."""
+    return check_colour(data_config.get("colour", "keep"))
+
+
 def as_colour(pixels, colour: str) -> np.ndarray:
     """uint8 ``[S, S]`` (grey) or ``[S, S, 3]`` pixels for ``config.data.colour``: with 'grey' a
     colour image becomes its luminance, as PIL's ``convert('L')`` computes it (ITU-R 601-2,

@@ -183,7 +183,7 @@ class _Options:
                                                                           "host"))
         # .get: the saved config.json of a run from before the cache has no such field.
         self.cache = str(data_config.get("cache", "") or "")
-        self.colour = images_lib.check_colour(data_config.get("colour", "keep"))
+        self.colour = images_lib.colour_from(data_config)
 
 
 def _check_processes(global_batch_size, process_index, process_count, field):
@@ -210,17 +210,13 @@ def _seed_words(*values) -> list[int]:
 
 
 class _FilePixels:
-    """The image files as a pixel source: decoded and resized (+ flipped, rotated) per use.
-
-    ``planes``, as every pixel source has it: the planes of a batch's images, 1 when every
-    image is grey (``config.data.colour='grey'``), else 3."""
+    """The image files as a pixel source: decoded and resized (+ flipped, rotated) per use."""
 
     def __init__(self, index: MuraIndex, options: _Options):
         self.paths = [r.path for r in index.images]
         self.image_size = options.image_size
         self.resize = options.resize
         self.colour = options.colour
-        self.planes = 1 if options.colour == "grey" else 3
 
     def image(self, pos: int, *, flip: bool = False, angle: float = 0.0):
         image = images_lib.transform(images_lib.decode(self.paths[pos]), self.image_size,
@@ -257,7 +253,7 @@ class _BatchBuilder:
         # or one plane when every image is grey (config.data.colour='grey'; the step
         # repeats it). Not zeroed first (a cached image's whole cost is 0.1 ms): each row is
         # written below.
-        planes = self.pixels.planes
+        planes = 1 if o.colour == "grey" else 3
         image = np.empty((b, planes, s, s), dtype=np.uint8)
         mask = np.zeros((b,), dtype=np.float32)
         label = np.full((b,), -1, dtype=np.int32)

@@ -154,6 +154,7 @@ class Predictor:
         (default ``config.eval.use_ema``, False for runs from before it existed): each member is
         its checkpoint's EMA weights (a UserError if the run kept no EMA)."""
         from murajax import checkpoints, models, train_state
+        from murajax.data import images
 
         config = checkpoints.load_run_config(workdir)
         if top_k is None:
@@ -177,7 +178,7 @@ class Predictor:
             [models.in_layout(model, v) for v in variables],
             image_size=int(config.data.image_size),
             resize=str(config.data.resize),
-            colour=config.data.get("colour", "keep"),
+            colour=images.colour_from(config.data),
             threshold=float(config.eval.threshold if threshold is None else threshold),
             batch_size=int(batch_size or config.get("eval_batch_size", 16)),
             num_workers=num_workers,

@@ -154,13 +154,14 @@ def run_predict(workdir: str | os.PathLike, inputs, output_dir: str | os.PathLik
                         "--config.data.cache (the cached images of config.eval.split), not both")
     from murajax import checkpoints
     from murajax.data import cache as cache_lib
+    from murajax.data import images
 
     config = checkpoints.load_run_config(workdir)
     split = str(config.eval.split) if split is None else str(split)
     pixels, keys = cache_lib.split_for_prediction(cache, split,
                                                   image_size=int(config.data.image_size),
                                                   resize=str(config.data.resize),
-                                                  colour=config.data.get("colour", "keep"))
+                                                  colour=images.colour_from(config.data))
     logging.info("Predicting the %d cached images of the %r split of %s.", len(keys), split,
                  cache)
     predictor = Predictor.from_workdir(workdir, top_k=top_k, **kwargs)
