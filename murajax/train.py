@@ -24,6 +24,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -48,20 +49,23 @@ class NonFiniteLossError(UserError):
 
 @dataclasses.dataclass
 class DataSplits:
-    root: Path
+    """Both splits' indexes and where their pixels come from (``pipeline.pixel_source``, made
+    once per run: every epoch's loaders share them)."""
+
     train: mura.MuraIndex
     valid: mura.MuraIndex
+    train_pixels: Any
+    valid_pixels: Any
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: Path, task) -> DataSplits:
     """Resolves ``config.data.root`` (the image cache's copies of the CSVs when it is empty and
-    ``config.data.cache`` is set, else synthetic MURA if asked) and reads both splits as
-    ``task`` defines them."""
+    ``config.data.cache`` is set, else synthetic MURA if asked), reads both splits as
+    ``task`` defines them, and makes each split's pixel source once for the whole run (with a
+    cache: its manifest read and checked here, not again at every epoch's loaders)."""
     data_config = config.data
     from_cache = not data_config.root and bool(data_config.get("cache", ""))
-    if from_cache:
-        root = mura.csv_source(data_config)[0]  # the UserError for a cache without them
-    elif not data_config.root:
+    if not data_config.root and not from_cache:
         if data_config.synthetic_studies <= 0:
             raise UserError(
                 "config.data.root is empty: set --config.data.root=/path/to/MURA-v1.1, or "
@@ -79,12 +83,11 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path, task) -> Data
             multihost_utils.sync_global_devices("synthetic data written")
         with data_config.unlocked():
             data_config.root = str(root)
-    root = Path(root if from_cache else data_config.root)
-    splits = DataSplits(
-        root=root,
-        train=task.read_split(data_config, "train"),
-        valid=task.read_split(data_config, config.eval.split),
-    )
+    train = task.read_split(data_config, "train")
+    valid = task.read_split(data_config, config.eval.split)
+    splits = DataSplits(train=train, valid=valid,
+                        train_pixels=pipeline.pixel_source(train, data_config),
+                        valid_pixels=pipeline.pixel_source(valid, data_config))
     for name, index in (("train", splits.train), ("valid", splits.valid)):
         logging.info("%s: %d images in %d studies%s", name, len(index.images), len(index.studies),
                      f"; skipped {index.skipped}" if index.skipped else "")
@@ -115,13 +118,14 @@ def _merge(window, metrics):
     return window.merge(metrics)
 
 
-def evaluate_split(strategy, state, index: mura.MuraIndex, config, task) -> dict:
-    """Validation loss and accuracy over images; AUROC and kappa over studies."""
+def evaluate_split(strategy, state, index: mura.MuraIndex, config, task, pixels=None) -> dict:
+    """Validation loss and accuracy over images; AUROC and kappa over studies. ``pixels``:
+    ``pipeline.pixel_source(index, config.data)``, made here when None."""
     probabilities = np.full(len(index.images), np.nan, np.float32)
     collection = None
     for batch in pipeline.eval_loader(
         index, config.data, global_batch_size=config.eval_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(), pixels=pixels,
     ):
         metrics, probs, positions = strategy.eval_step(state, strategy.shard_batch(batch))
         metrics = strategy.one_copy(metrics)
@@ -374,14 +378,15 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: Path)
     try:
         with _StopRequest() as stop:
             for epoch in range(progress.epoch, config.num_epochs):
-                finished = run.train_epoch(epoch, data.train, loader_state, progress, stop)
+                finished = run.train_epoch(epoch, data.train, loader_state, progress, stop,
+                                         pixels=data.train_pixels)
                 loader_state = {}
                 if not finished:
                     summary.update(preempted=True, step=run.step)
                     logging.warning("stopped at step %d (%s); rerun with the same --workdir to "
                                     "resume", run.step, stop.signal_name or "stop_after_steps")
                     break
-                progress = run.end_epoch(epoch, data.valid, progress)
+                progress = run.end_epoch(epoch, data.valid, progress, pixels=data.valid_pixels)
                 summary.update(_summary_of(progress.history[-1]))
                 if run.stopping:
                     summary.update(preempted=True)
@@ -423,13 +428,14 @@ class _Training:
         self._checked = self.step  # the loss of every step up to this one was read finite
 
     def train_epoch(self, epoch: int, index, loader_state: dict, progress: RunProgress,
-                    stop: "_StopRequest") -> bool:
+                    stop: "_StopRequest", pixels=None) -> bool:
         """Runs ``epoch``'s steps from ``loader_state``'s position. True when its last step
         ran; False when a stop request ended it early (after saving a checkpoint)."""
         config = self.config
         loader = pipeline.train_loader(
             index, config.data, global_batch_size=config.batch_size, seed=config.seed,
             epoch=epoch, process_index=jax.process_index(), process_count=jax.process_count(),
+            pixels=pixels,
         )
         if loader_state:
             loader.set_state(loader_state)
@@ -459,16 +465,16 @@ class _Training:
         self._check_finite(window, epoch)  # a loader that ended early: before validation
         return True
 
-    def end_epoch(self, epoch: int, index, progress: RunProgress) -> RunProgress:
+    def end_epoch(self, epoch: int, index, progress: RunProgress, pixels=None) -> RunProgress:
         """Validates (the raw weights, and the EMA's if the state keeps one), applies the plateau
         rule, logs and saves; the progress after ``epoch``. The plateau rule and the best
         checkpoints read the raw weights' validation loss, the EMA's with
         ``config.eval.use_ema``."""
-        val = evaluate_split(self.strategy, self.state, index, self.config, self.task)
+        val = evaluate_split(self.strategy, self.state, index, self.config, self.task, pixels)
         ema_val, ema_logged = None, {}
         if self.state.ema is not None:
             ema_val = evaluate_split(self.strategy, self.state.with_ema_weights(), index,
-                                     self.config, self.task)
+                                     self.config, self.task, pixels)
             ema_logged = {f"ema_{key}": ema_val[key]
                           for key in ("loss", "accuracy", "auroc", "kappa")}
         selected = ema_val if bool(self.config.eval.get("use_ema", False)) else val

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from murajax import synthetic, train
+from murajax import synthetic, tasks, train
 from murajax.data import cache, images, mura, pipeline
 from murajax.errors import UserError
 from tests import harness, helpers
@@ -269,13 +269,21 @@ def trained(mura_root, built, tmp_path_factory):
     return workdir, train.train_and_evaluate(config, workdir)
 
 
-def test_train_and_evaluate_from_the_cache_repeat_exactly(mura_root, built, trained, tmp_path):
+def test_train_and_evaluate_from_the_cache_repeat_exactly(mura_root, built, trained, tmp_path,
+                                                          monkeypatch):
     from murajax.modes import evaluate
 
     out, _ = built
     workdir, first = trained
+    manifests_read = []
+    checked_manifest = cache._checked_manifest
+    monkeypatch.setattr(cache, "_checked_manifest",
+                        lambda *a: manifests_read.append(a) or checked_manifest(*a))
     second = train.train_and_evaluate(_config(mura_root, out), tmp_path)
     assert second["history"] == first["history"]
+    # Read once per split for its CSVs and once per split for its pixels, not once per epoch.
+    assert len(first["history"]) == 2 and len(manifests_read) == 4
+    monkeypatch.undo()
     helpers.assert_same_tree(helpers.final_variables(tmp_path), helpers.final_variables(workdir))
     reports = []
     for run, overrides in ((workdir, {}), (tmp_path, {}), (tmp_path, {"data.cache": ""})):
@@ -501,7 +509,7 @@ def test_a_cache_without_csv_copies_and_no_root_is_refused_with_both_fixes(built
     with pytest.raises(UserError, match=message):
         mura.index_from_config(config.data, "valid")
     with pytest.raises(UserError, match=message):
-        train.prepare_data(config, tmp_path / "run", None)
+        train.prepare_data(config, tmp_path / "run", tasks.from_config(config))
     assert not (tmp_path / "run").exists()  # no synthetic data generated instead
 
 

@@ -109,7 +109,7 @@ def read_split(root, split: str, *, on_missing: str = "error") -> tuple[list[Che
     A CSV of another shape is a UserError naming the file, the line and what is wrong."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    on_missing = mura._check_on_missing(on_missing, "on_missing")
+    on_missing = mura.check_on_missing(on_missing, "on_missing")
     root = pathlib.Path(root)
     csv_file = root / f"{split}.csv"
     if not csv_file.is_file():

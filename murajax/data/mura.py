@@ -214,7 +214,9 @@ def _check_fraction(fraction, field="config.data.fraction") -> float:
     return value
 
 
-def _check_on_missing(on_missing, field="config.data.on_missing") -> str:
+def check_on_missing(on_missing, field="config.data.on_missing") -> str:
+    """``on_missing`` ('error': a listed image without its file fails the run; 'skip': it is
+    left out and counted); a UserError naming ``field`` otherwise."""
     if on_missing not in ON_MISSING:
         raise UserError(f"{field} must be 'error' or 'skip', got {on_missing!r}")
     return on_missing
@@ -527,7 +529,7 @@ def read_split(
         cache's keys), checked instead of the files; ``root`` then needs only the CSVs.
       alias: the name of the folder the CSVs at ``root`` were copied from (``relative_path``).
     """
-    on_missing = _check_on_missing(on_missing)
+    on_missing = check_on_missing(on_missing)
     types = parse_study_types(study_types)
     fraction = _check_fraction(fraction)
     files = _split_files(root, split, available, alias)

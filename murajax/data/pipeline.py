@@ -224,7 +224,11 @@ class _FilePixels:
         return images_lib.as_colour(image, self.colour)
 
 
-def _pixel_source(index: MuraIndex, options: _Options, data_config):
+def pixel_source(index: MuraIndex, data_config):
+    """Where ``index``'s pixels come from: the image cache at ``config.data.cache`` (its
+    manifest read and checked here) or the image files. A run makes one per split and hands it
+    to every epoch's loader (``pixels=``), so that the manifest is not read again each epoch."""
+    options = _Options(data_config)
     if options.cache:
         return cache_lib.pixels_for_index(index, data_config)
     return _FilePixels(index, options)
@@ -234,7 +238,7 @@ class _BatchBuilder:
     """Builds local batch k from the precomputed plan: image positions, flips, angles."""
 
     def __init__(self, index: MuraIndex, options: _Options, positions, flips, angles, pixels):
-        self.pixels = pixels  # _pixel_source's: the image files or the cache
+        self.pixels = pixels  # pixel_source's: the image files or the cache
         self.labels = np.asarray([r.label for r in index.images], dtype=np.int32)
         self.study_types = np.asarray([r.study_type for r in index.images], dtype=np.int32)
         self.options = options
@@ -457,6 +461,15 @@ class TrainIterator:
             pass
 
 
+def _pixels_of(index: MuraIndex, data_config, pixels):
+    if pixels is None:
+        return pixel_source(index, data_config)
+    if len(pixels.paths) != len(index.images):
+        raise ValueError(f"pixels= covers {len(pixels.paths)} images, the index "
+                         f"{len(index.images)}: make it with pixel_source(index, data_config)")
+    return pixels
+
+
 def epoch_plan(num_images: int, *, global_batch_size: int, seed: int, epoch: int,
                hflip: bool, rotation_degrees: float):
     """The global plan of one training epoch: positions, flips, angles, each [steps, B].
@@ -477,10 +490,12 @@ def epoch_plan(num_images: int, *, global_batch_size: int, seed: int, epoch: int
 
 
 def train_loader(index: MuraIndex, data_config, *, global_batch_size: int, seed: int,
-                 epoch: int, process_index: int = 0, process_count: int = 1) -> TrainIterator:
+                 epoch: int, process_index: int = 0, process_count: int = 1,
+                 pixels=None) -> TrainIterator:
     """An iterator over one training epoch of this process's local batches.
 
     Yields exactly ``steps_per_epoch(len(index.images), global_batch_size)`` batches.
+    ``pixels``: ``pixel_source(index, data_config)``, made here when None.
     """
     options = _Options(data_config)
     b = _check_processes(global_batch_size, process_index, process_count, "config.batch_size")
@@ -492,7 +507,7 @@ def train_loader(index: MuraIndex, data_config, *, global_batch_size: int, seed:
     )
     local = slice(process_index * b, (process_index + 1) * b)
     builder = _BatchBuilder(index, options, positions[:, local], flips[:, local],
-                            angles[:, local], _pixel_source(index, options, data_config))
+                            angles[:, local], _pixels_of(index, data_config, pixels))
     return TrainIterator(index, options, builder, seed=seed, epoch=epoch,
                          global_batch_size=global_batch_size, process_index=process_index,
                          process_count=process_count, steps=steps)
@@ -530,9 +545,10 @@ class EvalLoader:
 
 
 def eval_loader(index: MuraIndex, data_config, *, global_batch_size: int,
-                process_index: int = 0, process_count: int = 1) -> EvalLoader:
+                process_index: int = 0, process_count: int = 1, pixels=None) -> EvalLoader:
     """Batches covering every image exactly once in index order; the last global batch padded
-    (mask 0, index -1, label -1); process p takes [p*b:(p+1)*b] of each global batch."""
+    (mask 0, index -1, label -1); process p takes [p*b:(p+1)*b] of each global batch.
+    ``pixels``: ``pixel_source(index, data_config)``, made here when None."""
     options = _Options(data_config)
     b = _check_processes(global_batch_size, process_index, process_count,
                          "config.eval_batch_size")
@@ -544,5 +560,5 @@ def eval_loader(index: MuraIndex, data_config, *, global_batch_size: int,
     local = slice(process_index * b, (process_index + 1) * b)
     zeros = np.zeros((steps, b))
     builder = _BatchBuilder(index, options, positions[:, local], zeros.astype(bool),
-                            zeros.astype(np.float32), _pixel_source(index, options, data_config))
+                            zeros.astype(np.float32), _pixels_of(index, data_config, pixels))
     return EvalLoader(index, options, builder, steps)
