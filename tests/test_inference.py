@@ -321,6 +321,12 @@ def test_write_predictions_csv_cams_and_errors(tmp_path, tree, model, members):
             assert written.size == original.size and written.mode == "RGB"
 
 
+def test_run_predict_without_inputs_names_both_ways_to_give_them(tmp_path):
+    # Before any checkpoint is looked for: this workdir is not even a run.
+    with pytest.raises(UserError, match=r"needs --input PATH .* or --config\.data\.cache=DIR"):
+        predict.run_predict(tmp_path, [], tmp_path / "out")
+
+
 @needs_checkpoints
 def test_run_predict_without_checkpoints_raises(tmp_path, tree):
     from murajax import checkpoints
