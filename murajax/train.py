@@ -64,8 +64,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path, task) -> Data
     ``task`` defines them, and makes each split's pixel source once for the whole run (with a
     cache: its manifest read and checked here, not again at every epoch's loaders)."""
     data_config = config.data
-    from_cache = not data_config.root and bool(data_config.get("cache", ""))
-    if not data_config.root and not from_cache:
+    if not data_config.root and not data_config.get("cache", ""):
         if data_config.synthetic_studies <= 0:
             raise UserError(
                 "config.data.root is empty: set --config.data.root=/path/to/MURA-v1.1, or "

@@ -283,7 +283,6 @@ def test_train_and_evaluate_from_the_cache_repeat_exactly(mura_root, built, trai
     assert second["history"] == first["history"]
     # Read once per split for its CSVs and once per split for its pixels, not once per epoch.
     assert len(first["history"]) == 2 and len(manifests_read) == 4
-    monkeypatch.undo()
     helpers.assert_same_tree(helpers.final_variables(tmp_path), helpers.final_variables(workdir))
     reports = []
     for run, overrides in ((workdir, {}), (tmp_path, {}), (tmp_path, {"data.cache": ""})):

@@ -145,16 +145,15 @@ def run_predict(workdir: str | os.PathLike, inputs, output_dir: str | os.PathLik
     fit the run, a workdir without checkpoints, or when no image could be read at all.
     ``kwargs`` go to ``Predictor.from_workdir`` (batch_size, threshold, use_ema).
     """
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if not cache and not inputs:
-        raise UserError("--mode=predict needs --input PATH (an image file, a study folder or a "
-                        "tree of studies; repeat it for several) or --config.data.cache=DIR "
-                        "(to predict the cached images of config.eval.split)")
     if not cache:
+        if not inputs:
+            raise UserError("--mode=predict needs --input PATH (an image file, a study folder or "
+                            "a tree of studies; repeat it for several) or --config.data.cache=DIR"
+                            " (to predict the cached images of config.eval.split)")
         items = find_images(inputs)  # fail on bad inputs before loading any checkpoint
         predictor = Predictor.from_workdir(workdir, top_k=top_k, **kwargs)
         return _write(predictor, items, output_dir, cam=cam)
-    if inputs:
+    if list(inputs):
         raise UserError("--mode=predict takes either --input (image files, study folders) or "
                         "--config.data.cache (the cached images of config.eval.split), not both")
     from murajax import checkpoints
