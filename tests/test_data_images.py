@@ -183,6 +183,43 @@ def test_rotation_counter_clockwise_about_centre():
     assert out[0, 0] == pytest.approx(-MEAN[0] / STD[0], rel=1e-5)
 
 
+def _pil_affine(image, size, resize, flip, angle):
+    """PIL's own bilinear AFFINE transform with ``images``' coefficients: the geometry and edge
+    rule that ``images.transform`` keeps while warping with OpenCV."""
+    w, h = image.size
+    coefficients = images._affine_coefficients(w, h, size, resize, flip, angle)
+    return np.asarray(image.transform((size, size), Image.AFFINE, coefficients,
+                                      resample=Image.BILINEAR, fillcolor=0))
+
+
+@pytest.mark.parametrize("shape,size,resize", [
+    ((37, 23), 32, "stretch"), ((37, 23), 32, "pad"), ((23, 37, 3), 16, "stretch"),
+    ((23, 37, 3), 64, "pad"), ((50, 50), 50, "stretch"), ((90, 41), 30, "pad"),
+])
+def test_transform_is_pils_affine_within_one_grey_level_with_the_same_black(shape, size, resize):
+    """Every flip and angle: pixels within one grey level of PIL's (OpenCV's fixed-point
+    weights and 1/32-pixel positions, against PIL's doubles rounded to uint8), and black in the
+    same places. The source has no black, so black is exactly 'outside the source'."""
+    rng = np.random.default_rng(size + len(shape))
+    smooth = rng.integers(1, 256, (4, 4) + shape[2:], dtype=np.uint8)
+    source = np.asarray(Image.fromarray(smooth).resize(shape[1::-1], Image.BICUBIC))
+    source = np.maximum(source, 1)
+    for flip in (False, True):
+        for angle in (0.0, 90.0, -30.0, 17.3, 180.0):
+            ours = images.transform(Image.fromarray(source), size, resize, flip=flip,
+                                    angle=angle)
+            pil = _pil_affine(Image.fromarray(source), size, resize, flip, angle)
+            assert ours.shape == pil.shape and ours.dtype == np.uint8
+            np.testing.assert_array_equal(ours == 0, pil == 0, err_msg=f"{flip=} {angle=}")
+            assert np.abs(ours.astype(int) - pil).max() <= 1, (flip, angle)
+            assert (ours == 0).any() == (resize == "pad" and shape[0] != shape[1] or angle % 90
+                                         != 0), (flip, angle)
+    # Arrays and PIL images are the same input.
+    np.testing.assert_array_equal(images.transform(source, size, resize, angle=5.0),
+                                  images.transform(Image.fromarray(source), size, resize,
+                                                   angle=5.0))
+
+
 def test_downscaling_a_large_image_averages():
     a = np.zeros((512, 512), dtype=np.uint8)
     a[:, ::2] = 255  # fine stripes: a good resize gives mid grey, not stripes

@@ -65,14 +65,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from murajax.data import chexpert, mura
 from murajax.data import images as images_lib
 from murajax.errors import UserError
 
 FORMAT = "murajax-image-cache"
-VERSION = 1
+VERSION = 2  # 2: resized by OpenCV's warp (images.transform), within a grey level of 1's PIL
 MANIFEST = "manifest.json"
 BUILD = "build.json"
 CSV_DIR = "csv"  # the copies of the source CSVs
@@ -559,8 +558,8 @@ class CachedPixels:
         if not flip and not angle:
             return self.pixels(pos)
         pixels = self._stored(pos)  # as colour last, as the image files' path has it
-        image = images_lib.transform(Image.fromarray(pixels), pixels.shape[0], "stretch",
-                                     flip=flip, angle=angle)
+        image = images_lib.transform(pixels, pixels.shape[0], "stretch", flip=flip,
+                                     angle=angle)
         return images_lib.as_colour(image, self.colour)
 
 

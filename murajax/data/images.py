@@ -1,8 +1,9 @@
 """Decoding radiographs with PIL and turning them into network inputs.
 
 ``load_image`` decodes any PIL mode to uint8 HxWx3. ``preprocess`` resizes (``stretch`` as in the
-paper, or ``pad``: aspect ratio kept, centred, black padding), flips and rotates in a single PIL
-affine transform on uint8, then normalises with the ImageNet statistics in float32.
+paper, or ``pad``: aspect ratio kept, centred, black padding), flips and rotates in a single
+bilinear affine warp on uint8 (``transform``: PIL's geometry and edge rule, OpenCV's warp), then
+normalises with the ImageNet statistics in float32.
 
 The pipeline uses the faster ``decode`` / ``transform``, which keep grayscale images
 single-channel, and ships the uint8 result; the train and eval steps normalise it with this
@@ -19,10 +20,15 @@ from __future__ import annotations
 import math
 import os
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from murajax.errors import UserError
+
+# Sequential OpenCV: loader workers are the parallelism (``config.data.num_workers``), and
+# OpenCV's own thread pool spends about 1.4x the CPU per warp for its shorter wall time.
+cv2.setNumThreads(0)
 
 IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], dtype=np.float32)
@@ -186,10 +192,21 @@ def _affine_coefficients(width, height, size, resize, flip, angle):
     return (a, b, icx - a * ocx - b * ocy, d, e, icy - d * ocx - e * ocy)
 
 
-def transform(image: Image.Image, image_size: int, resize: str, *, flip=False, angle=0.0):
-    """Resize (+ flip + rotate) a PIL 'L'/'RGB' image to ``image_size`` squared in one affine
-    transform; outside the source: black."""
-    width, height = image.size
+def _as_pil(image) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
+def transform(image, image_size: int, resize: str, *, flip=False, angle=0.0) -> np.ndarray:
+    """Resize (+ flip + rotate) a PIL 'L'/'RGB' image (or uint8 HxW / HxWx3 pixels) to
+    ``image_size`` squared in one bilinear affine warp; outside the source: black. Returns
+    uint8 ``[S, S]`` or ``[S, S, 3]``.
+
+    The geometry and the edge rule are PIL's ``Image.transform(AFFINE, BILINEAR)``: a sample
+    point inside the source (pixel-corner coordinates in ``[0, w) x [0, h)``) interpolates
+    with its neighbours clamped to the edge, one outside is black. The warp itself is
+    OpenCV's ``warpAffine``, 3-6x cheaper than PIL's on the same CPU (fixed-point weights and
+    1/32-pixel positions: within one grey level of PIL's pixels; ``test_data_images.py``)."""
+    width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
     size = int(image_size)
     scale = min(size / width, size / height) if resize == "pad" else max(
         size / width, size / height
@@ -202,14 +219,26 @@ def transform(image: Image.Image, image_size: int, resize: str, *, flip=False, a
             factor_x = max(1, int(width / size / 1.5))
             factor_y = max(1, int(height / size / 1.5))
         if factor_x > 1 or factor_y > 1:
-            image = image.reduce((factor_x, factor_y))
+            image = _as_pil(image).reduce((factor_x, factor_y))
             width, height = image.size
+    pixels = np.asarray(image, dtype=np.uint8)
     if not flip and not angle and resize == "stretch" and (width, height) == (size, size):
-        return image
-    coefficients = _affine_coefficients(width, height, size, resize, flip, float(angle))
-    return image.transform(
-        (size, size), Image.AFFINE, coefficients, resample=Image.BILINEAR, fillcolor=0
-    )
+        return pixels
+    a, b, c, d, e, f = _affine_coefficients(width, height, size, resize, flip, float(angle))
+    # PIL maps an output pixel's centre (x + 0.5, y + 0.5) to corner coordinates; OpenCV maps
+    # pixel indices to indices (centres at integers): shift by half a pixel on both sides.
+    inverse = np.array([[a, b, (a + b) / 2 + c - 0.5], [d, e, (d + e) / 2 + f - 0.5]])
+    inverse_map = cv2.WARP_INVERSE_MAP
+    out = cv2.warpAffine(pixels, inverse, (size, size), flags=cv2.INTER_LINEAR | inverse_map,
+                         borderMode=cv2.BORDER_REPLICATE)
+    # Nearest-neighbour sampling of an all-white source is white exactly where a sample point
+    # lies inside the source, PIL's rule for black; the replicated border is masked off there.
+    inside = cv2.warpAffine(np.full((height, width), 255, np.uint8), inverse, (size, size),
+                            flags=cv2.INTER_NEAREST | inverse_map,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if out.ndim == 3:
+        inside = cv2.merge([inside] * out.shape[2])
+    return cv2.bitwise_and(out, inside, dst=out)
 
 
 # _LUT[v, c] == (v / 255 - mean[c]) / std[c]: normalising is a table look-up.
@@ -254,11 +283,7 @@ def preprocess(image_uint8, image_size, resize, *, flip=False, angle=0.0,
         raise ValueError(f"preprocess expects uint8 pixels, got {a.dtype}")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
-    if a.ndim == 2:
-        image = Image.fromarray(a)
-    elif a.ndim == 3 and a.shape[2] == 3:
-        image = Image.fromarray(a)
-    else:
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
         raise ValueError(f"preprocess expects HxW or HxWx3 pixels, got shape {a.shape}")
-    transformed = transform(image, image_size, resize, flip=flip, angle=angle)
+    transformed = transform(a, image_size, resize, flip=flip, angle=angle)
     return normalize(as_colour(transformed, check_colour(colour)))
