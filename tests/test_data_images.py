@@ -198,8 +198,8 @@ def _pil_affine(image, size, resize, flip, angle):
 ])
 def test_transform_is_pils_affine_within_one_grey_level_with_the_same_black(shape, size, resize):
     """Every flip and angle: pixels within one grey level of PIL's (OpenCV's fixed-point
-    weights and 1/32-pixel positions, against PIL's doubles rounded to uint8), and black in the
-    same places. The source has no black, so black is exactly 'outside the source'."""
+    weights and 1/32-pixel positions, rounded where PIL truncates its doubles to uint8), and
+    black in the same places. The source has no black, so black is exactly 'outside the source'."""
     rng = np.random.default_rng(size + len(shape))
     smooth = rng.integers(1, 256, (4, 4) + shape[2:], dtype=np.uint8)
     source = np.asarray(Image.fromarray(smooth).resize(shape[1::-1], Image.BICUBIC))
