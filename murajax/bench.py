@@ -266,7 +266,7 @@ def pipeline_images_per_s(image_size: int, batch_size: int, *, studies: int = 40
 
 
 def pipeline_config(image_size: int, *, cache: str = "", num_workers: int | str = 0,
-                    prefetch: int = 2, augment_on: str = "", resize: str = "stretch",
+                    prefetch: int | str = "auto", augment_on: str = "", resize: str = "stretch",
                     model: str = "densenet_tiny", batch_size: int = 8, colour: str = ""):
     """The paper's config (flips, 30-degree rotations) with these input settings."""
     config = default_config.get_config()
@@ -356,7 +356,7 @@ def time_loader(index, config, batch_size: int, *, batches: int, warmup: int) ->
 
 
 def pipeline_only(data_root: str = "", cache: str = "", image_size: int = 320,
-                  batch_size: int = 16, num_workers: int | str = 0, prefetch: int = 2,
+                  batch_size: int = 16, num_workers: int | str = 0, prefetch: int | str = "auto",
                   batches: int = 20, warmup: int = 2, augment_on: str = "",
                   colour: str = "", studies: int = 150, stall: bool = False, stall_steps: int = 10,
                   model: str = "densenet_tiny", log=print) -> dict[str, Any]:
@@ -386,7 +386,10 @@ def pipeline_only(data_root: str = "", cache: str = "", image_size: int = 320,
             "pipeline_source": "cache" if cache else "png", "cache": cache,
             "image_size": image_size, "batch_size": batch_size,
             "num_workers": pipeline.resolve_num_workers(config.data.num_workers),
-            "prefetch": prefetch, "augment_on": config.data.get("augment_on", "host"),
+            "prefetch": pipeline.resolve_prefetch(
+                config.data.prefetch, cache=cache,
+                num_workers=pipeline.resolve_num_workers(config.data.num_workers)),
+            "augment_on": config.data.get("augment_on", "host"),
             "colour": config.data.colour,
             "warmup": warmup, "train_images": len(index.images),
             **_host_environment(),
@@ -707,7 +710,8 @@ def _define_flags(values) -> None:
                         "(config.data.cache)", flag_values=f)
     flags.DEFINE_string("num-workers", "0", "--pipeline-only: config.data.num_workers "
                         "(an integer or 'auto')", flag_values=f)
-    flags.DEFINE_integer("prefetch", 2, "--pipeline-only: config.data.prefetch", flag_values=f)
+    flags.DEFINE_string("prefetch", "auto", "--pipeline-only: config.data.prefetch (an integer "
+                        "or 'auto')", flag_values=f)
     flags.DEFINE_integer("batches", 20, "--pipeline-only: timed batches", flag_values=f)
     flags.DEFINE_enum("augment-on", "", ["", "host", "device"],
                       "--pipeline-only: config.data.augment_on (empty: the config's default)",

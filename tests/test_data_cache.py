@@ -294,6 +294,7 @@ def test_train_and_evaluate_from_the_cache_repeat_exactly(mura_root, built, trai
     # The saved config says num_workers='auto'; an integer from the command line still applies.
     assert evaluate.evaluation_config({"data.num_workers": 2}, workdir).data.num_workers == 2
     assert json.loads((workdir / "config.json").read_text())["data"]["num_workers"] == "auto"
+    assert evaluate.evaluation_config({"data.prefetch": 0}, workdir).data.prefetch == 0
 
 
 def test_resume_from_the_cache_is_exact(mura_root, built, trained, tmp_path):
@@ -327,6 +328,35 @@ def test_num_workers_auto_leaves_a_core_for_the_loop_and_one_per_device():
         with pytest.raises(UserError, match="config.data.num_workers must be an integer >= 0 "
                                             "or 'auto'"):
             pipeline.resolve_num_workers(bad)
+
+
+def test_prefetch_auto_builds_cached_batches_in_the_loops_thread(mura_root, built):
+    """'auto' (the default): no background thread when a process without workers reads the
+    cache, Grain's prefetch thread otherwise; the batches are the same either way."""
+    from murajax.configs import default
+
+    assert default.get_config().data.prefetch == "auto"
+    assert pipeline.resolve_prefetch("auto", cache="/c", num_workers=0) == 0
+    assert pipeline.resolve_prefetch("auto", cache="/c", num_workers=3) == pipeline.AUTO_PREFETCH
+    assert pipeline.resolve_prefetch("auto", cache="", num_workers=0) == pipeline.AUTO_PREFETCH
+    assert pipeline.resolve_prefetch("3", cache="/c", num_workers=0) == 3  # command line
+    assert pipeline.resolve_prefetch(0, cache="", num_workers=0) == 0
+    for bad in (-1, "soon", True, 1.5):
+        with pytest.raises(UserError, match="config.data.prefetch must be an integer >= 0 or "
+                                            "'auto'"):
+            pipeline.resolve_prefetch(bad, cache="", num_workers=0)
+    out, _ = built
+    config = _config(mura_root, out)
+    index = mura.index_from_config(config.data, "train")
+    threaded = _config(mura_root, out, **{"data.prefetch": 2}).data
+    auto = pipeline.train_loader(index, config.data, global_batch_size=8, seed=1, epoch=0)
+    ahead = pipeline.train_loader(index, threaded, global_batch_size=8, seed=1, epoch=0)
+    assert (auto._options.prefetch, ahead._options.prefetch) == (0, 2)
+    pairs = list(zip(auto, ahead))
+    assert len(pairs) == len(index.images) // 8
+    for a, b in pairs:
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_predict_from_the_cache_equals_predicting_the_files(mura_root, built, trained, tmp_path):

@@ -77,11 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
     # compete with training; 6 with 8 CPUs and 1 GPU. Logged at start. An integer is taken as is.
     config.data.num_workers = config_dict.FieldReference("auto", field_type=object)
     # Batches built ahead: per worker (at least 1), or with no workers in one background
-    # thread. With no workers, 0 builds them in the training loop's thread: from the image
-    # cache that took a fifth less CPU per image on a 2-CPU host (docs/performance.md, issue
-    # 15's ninth pass); the step then waits for the batch unless asynchronous dispatch has
-    # steps queued.
-    config.data.prefetch = 2
+    # thread; 0 builds them in the training loop's thread. 'auto': 0 when a process without
+    # workers reads the image cache (a fifth less CPU per image than the thread on a 2-CPU
+    # host, docs/performance.md, issue 15's ninth and eleventh passes; the loop overlaps it
+    # with the steps queued on the device), else 2. An integer is taken as is.
+    config.data.prefetch = config_dict.FieldReference("auto", field_type=object)
 
     config.batch_size = 8  # global, across all devices and processes
     config.eval_batch_size = 16

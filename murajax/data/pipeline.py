@@ -33,7 +33,8 @@ the train step draws its own per image, ``murajax.data.device_augment``.)
 
 Worker processes (``data.num_workers > 0``) use Grain's ``mp_prefetch``; each worker builds whole
 batches. With ``num_workers == 0`` batches are built in the main process (one background thread
-when ``data.prefetch > 0``). ``num_workers='auto'`` is resolved here (``resolve_num_workers``).
+when ``data.prefetch > 0``). ``num_workers='auto'`` and ``prefetch='auto'`` are resolved here
+(``resolve_num_workers``, ``resolve_prefetch``).
 
 Pixels come from the image files (decoded and resized per use) or, with ``data.cache`` set, from
 the image cache (``murajax.data.cache``: decoded and resized once; flips and rotations applied
@@ -94,12 +95,6 @@ def num_eval_batches(num_images: int, global_batch_size: int) -> int:
 
 # ------------------------------------------------------------------------------------------
 # Config checks.
-
-
-def _check_int(value, field, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise UserError(f"config.data.{field} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_rotation(value) -> float:
@@ -163,6 +158,31 @@ def resolve_num_workers(value, cpus: int | None = None, devices: int | None = No
     return workers
 
 
+AUTO_PREFETCH = 2  # batches built ahead with data.prefetch='auto', unless it resolves to 0
+
+
+def resolve_prefetch(value, *, cache: str, num_workers: int) -> int:
+    """``config.data.prefetch``: an integer >= 0 as it is; ``'auto'`` (the default): 0 when a
+    process without workers reads the image cache, else ``AUTO_PREFETCH``.
+
+    Why 0 there: a cached batch is 1-2 ms of record reads and copies, and the same batch built
+    in a background thread took 15-25% more CPU per image on a 2-CPU host (docs/performance.md,
+    issue 15's ninth and eleventh passes), while the training loop, which no longer waits on
+    the device at every step, overlaps building it with the queued steps. Decoding image
+    files keeps the thread: PIL and OpenCV release the GIL for milliseconds per image."""
+    if isinstance(value, str) and value.strip() != "auto":
+        try:
+            value = int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, str) and value.strip() == "auto":
+        return 0 if cache and num_workers == 0 else AUTO_PREFETCH
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise UserError(f"config.data.prefetch must be an integer >= 0 or 'auto', got "
+                        f"{value!r}")
+    return int(value)
+
+
 class _Options:
     """The validated fields of ``config.data`` that the pipeline uses (picklable).
 
@@ -177,12 +197,13 @@ class _Options:
         self.rotation_degrees = _check_rotation(data_config.rotation_degrees)
         self.on_bad_image = _check_on_bad_image(data_config.on_bad_image)
         self.num_workers = resolve_num_workers(data_config.num_workers)
-        self.prefetch = _check_int(data_config.prefetch, "prefetch", 0)
         # Configs saved before the field existed have none: they augmented on the host.
         self.augment_on = device_augment.check_augment_on(data_config.get("augment_on",
                                                                           "host"))
         # .get: the saved config.json of a run from before the cache has no such field.
         self.cache = str(data_config.get("cache", "") or "")
+        self.prefetch = resolve_prefetch(data_config.prefetch, cache=self.cache,
+                                         num_workers=self.num_workers)
         self.colour = images_lib.colour_from(data_config)
 
 
