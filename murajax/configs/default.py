@@ -78,9 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_workers = config_dict.FieldReference("auto", field_type=object)
     # Batches built ahead: per worker (at least 1), or with no workers in one background
     # thread; 0 builds them in the training loop's thread. 'auto': 0 when a process without
-    # workers reads the image cache (a fifth less CPU per image than the thread on a 2-CPU
-    # host, docs/performance.md, issue 15's ninth and eleventh passes; the loop overlaps it
-    # with the steps queued on the device), else 2. An integer is taken as is.
+    # workers reads the image cache (a fifth to a third less CPU per image than the thread on
+    # a 2-CPU host, docs/performance.md, issue 15's ninth and eleventh passes; the loop
+    # overlaps it with the steps queued on the device), else 2. An integer is taken as is.
     config.data.prefetch = config_dict.FieldReference("auto", field_type=object)
 
     config.batch_size = 8  # global, across all devices and processes

@@ -173,7 +173,7 @@ def resolve_prefetch(value, *, cache: str, num_workers: int) -> int:
     process without workers reads the image cache, else ``AUTO_PREFETCH``.
 
     Why 0 there: a cached batch is 1-2 ms of record reads and copies, and the same batch built
-    in a background thread took 15-25% more CPU per image on a 2-CPU host (docs/performance.md,
+    in a background thread took 20-40% more CPU per image on a 2-CPU host (docs/performance.md,
     issue 15's ninth and eleventh passes), while the training loop, which no longer waits on
     the device at every step, overlaps building it with the queued steps. Decoding image
     files keeps the thread: PIL and OpenCV release the GIL for milliseconds per image."""
