@@ -381,14 +381,14 @@ def pipeline_only(data_root: str = "", cache: str = "", image_size: int = 320,
         index = _train_index(root, config)
         available = _available_batches(index, batch_size)
         _check_counts(batches, warmup, available, batch_size, len(index.images))
+        workers = pipeline.resolve_num_workers(config.data.num_workers)
         result: dict[str, Any] = {
             "mode": "pipeline", "data_root": str(root) if data_root else "synthetic",
             "pipeline_source": "cache" if cache else "png", "cache": cache,
             "image_size": image_size, "batch_size": batch_size,
-            "num_workers": pipeline.resolve_num_workers(config.data.num_workers),
-            "prefetch": pipeline.resolve_prefetch(
-                config.data.prefetch, cache=cache,
-                num_workers=pipeline.resolve_num_workers(config.data.num_workers)),
+            "num_workers": workers,
+            "prefetch": pipeline.resolve_prefetch(config.data.prefetch, cache=cache,
+                                                  num_workers=workers),
             "augment_on": config.data.get("augment_on", "host"),
             "colour": config.data.colour,
             "warmup": warmup, "train_images": len(index.images),

@@ -128,15 +128,20 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _int_or_auto(value):
-    """A field that takes an integer or 'auto': a command line's '3' is 3, ' auto ' 'auto'."""
+def _int_or_auto(value, field: str):
+    """``config.data.<field>``, which takes an integer >= 0 or 'auto': 'auto', or the integer
+    (a command line's '3' is 3). UserError for anything else."""
     if isinstance(value, str):
         text = value.strip()
+        if text == "auto":
+            return text
         try:
-            return text if text == "auto" else int(text)
+            value = int(text)
         except ValueError:
-            return value
-    return value
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise UserError(f"config.data.{field} must be an integer >= 0 or 'auto', got {value!r}")
+    return int(value)
 
 
 def resolve_num_workers(value, cpus: int | None = None, devices: int | None = None) -> int:
@@ -144,12 +149,9 @@ def resolve_num_workers(value, cpus: int | None = None, devices: int | None = No
     may run on minus one for the training loop and one per local device (each needs a host
     thread feeding it), at most ``_MAX_AUTO_WORKERS``. So 2 CPUs and one device give 0: a worker
     would only compete with the training process. Logged once per process."""
-    value = _int_or_auto(value)
+    value = _int_or_auto(value, "num_workers")
     if value != "auto":
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise UserError(f"config.data.num_workers must be an integer >= 0 or 'auto', got "
-                            f"{value!r}")
-        return int(value)
+        return value
     if devices is None:
         import jax
 
@@ -177,13 +179,10 @@ def resolve_prefetch(value, *, cache: str, num_workers: int) -> int:
     issue 15's ninth and eleventh passes), while the training loop, which no longer waits on
     the device at every step, overlaps building it with the queued steps. Decoding image
     files keeps the thread: PIL and OpenCV release the GIL for milliseconds per image."""
-    value = _int_or_auto(value)
+    value = _int_or_auto(value, "prefetch")
     if value == "auto":
         return 0 if cache and num_workers == 0 else AUTO_PREFETCH
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise UserError(f"config.data.prefetch must be an integer >= 0 or 'auto', got "
-                        f"{value!r}")
-    return int(value)
+    return value
 
 
 class _Options:

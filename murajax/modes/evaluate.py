@@ -47,9 +47,8 @@ def evaluation_config(overrides, workdir: str | os.PathLike):
             section = section.get(name) if isinstance(section, ml_collections.ConfigDict) else None
         if not isinstance(section, ml_collections.ConfigDict) or leaf not in section:
             raise UserError(f"--config.{field}: no such field in the run's config ({saved})")
-        if field in ("data.num_workers", "data.prefetch"):  # 'auto' or an integer: the saved
-            # type need not match
-            del section[leaf]
+        if field in ("data.num_workers", "data.prefetch"):
+            del section[leaf]  # 'auto' or an integer: the saved type need not match
         try:
             section[leaf] = value
         except TypeError as e:
