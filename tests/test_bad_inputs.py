@@ -143,7 +143,7 @@ def test_images_smaller_than_the_input_are_upscaled(root, width, height, resize)
     position = [r.path for r in index.images].index(str(small))
     batches = list(pipeline.eval_loader(index, _data_config(root, resize=resize),
                                         global_batch_size=4))
-    image = np.concatenate([b["image"] for b in batches])[position]
+    image = np.concatenate([pipeline.whole_planes(b) for b in batches])[position]
     mask = np.concatenate([b["mask"] for b in batches])[position]
     assert mask == 1 and image.shape == (3, SIZE, SIZE)  # uint8, channels first
     if resize == "stretch" and width > 1:

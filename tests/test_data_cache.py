@@ -100,9 +100,7 @@ def test_batches_from_the_cache_equal_those_from_the_files(mura_root, built):
                                             epoch=0),
                       pipeline.train_loader(index, files, global_batch_size=8, seed=1, epoch=0))
     for a, b in list(eval_pairs) + list(train_pairs):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+        _assert_same_batch(a, b)
     # Augmented on the host: the cached image flipped and rotated by images.transform.
     config.data.hflip, config.data.rotation_degrees = True, 30.0
     loader = pipeline.train_loader(index, config.data, global_batch_size=8, seed=1, epoch=0)
@@ -111,11 +109,23 @@ def test_batches_from_the_cache_equal_those_from_the_files(mura_root, built):
                                            epoch=0, hflip=True, rotation_degrees=30.0)
     assert flips[0].any() and np.abs(angles[0]).max() > 1.0
     pixels = cache.pixels_for_index(index, config.data)
+    whole = pipeline.whole_planes(batch)
     for i, pos in enumerate(batch["index"]):
         flipped = images.transform(Image.fromarray(pixels.pixels(pos)), SIZE, "stretch",
                                    flip=bool(flips[0, i]), angle=float(angles[0, i]))
         expected = np.asarray(flipped)
-        np.testing.assert_array_equal(batch["image"][i], _channels_first(expected))
+        np.testing.assert_array_equal(whole[i], _channels_first(expected))
+
+
+def _assert_same_batch(a, b):
+    """Every field equal; the images as the steps read them (a grey row's planes 1 and 2 are
+    not written: ``pipeline.whole_planes``)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "image":
+            np.testing.assert_array_equal(pipeline.whole_planes(a), pipeline.whole_planes(b))
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def _luminance(batch_image):
@@ -143,12 +153,12 @@ def test_grey_batches_are_one_plane_the_luminance_of_the_kept_colour(mura_root, 
     coloured = 0
     for source in ("cache", "files"):
         for kept, grey in zip(loaders(configs[source, "keep"]), loaders(configs[source, "grey"])):
+            whole = pipeline.whole_planes(kept)
             assert grey["image"].shape == (kept["image"].shape[0], 1, SIZE, SIZE)
-            np.testing.assert_array_equal(grey["image"], _luminance(kept["image"]))
+            np.testing.assert_array_equal(grey["image"], _luminance(whole))
             for key in ("label", "study_type", "mask", "index"):
                 np.testing.assert_array_equal(grey[key], kept[key])
-            coloured += int(np.sum(np.any(kept["image"][:, 0] != kept["image"][:, 1],
-                                          axis=(1, 2))))
+            coloured += int(np.sum(np.any(whole[:, 0] != whole[:, 1], axis=(1, 2))))
     assert coloured > 0  # the synthetic set has tinted (RGB) images
     # Unaugmented, the cache's grey batches are the files' (as with 'keep').
     grey_cache, grey_files = (list(pipeline.eval_loader(index, configs[s, "grey"],
@@ -166,8 +176,9 @@ def test_device_augmentation_gets_the_cached_uint8_pixels(mura_root, built):
                                             epoch=0)))
     assert batch["image"].dtype == np.uint8
     pixels = cache.pixels_for_index(index, config.data)
+    whole = pipeline.whole_planes(batch)
     for i, pos in enumerate(batch["index"]):
-        np.testing.assert_array_equal(batch["image"][i], _channels_first(pixels.pixels(pos)))
+        np.testing.assert_array_equal(whole[i], _channels_first(pixels.pixels(pos)))
 
 
 def test_a_cache_of_other_settings_or_csvs_is_refused_naming_the_field(mura_root, built,
@@ -355,8 +366,7 @@ def test_prefetch_auto_builds_cached_batches_in_the_loops_thread(mura_root, buil
     pairs = list(zip(auto, ahead))
     assert len(pairs) == len(index.images) // 8
     for a, b in pairs:
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+        _assert_same_batch(a, b)
 
 
 def test_predict_from_the_cache_equals_predicting_the_files(mura_root, built, trained, tmp_path):

@@ -268,3 +268,19 @@ def test_grey_colour_is_pil_luminance_and_exact_for_grey_stored_as_rgb():
 def test_bad_colour_is_a_user_error_naming_the_field():
     with pytest.raises(UserError, match="config.data.colour must be 'keep'.*or 'grey'.*'gray'"):
         images.check_colour("gray")
+
+
+def test_channels_first_into_writes_the_transposed_planes_in_place():
+    """A batch row's ``[3, H, W]`` gets ``pixels.transpose(2, 0, 1)``, in place, from pixels of
+    any strides (a flipped or subsampled view too), and into planes OpenCV cannot write (a
+    strided ``out``, numpy's path); the rest of the buffer is untouched."""
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for source in (pixels, pixels[:, ::-1], pixels[::2]):
+        batch = np.full((2, 3) + source.shape[:2], 7, np.uint8)
+        images.channels_first_into(source, batch[1])
+        np.testing.assert_array_equal(batch[1], source.transpose(2, 0, 1))
+        assert np.all(batch[0] == 7)
+    wide = np.zeros((3, 20, 60), np.uint8)
+    images.channels_first_into(pixels, wide[:, :, ::2])
+    np.testing.assert_array_equal(wide[:, :, ::2], pixels.transpose(2, 0, 1))
+    assert not wide[:, :, 1::2].any()

@@ -210,14 +210,16 @@ def test_device_batches_are_the_resized_uint8_images_of_the_host_batches(image_i
     for host, device in zip(pipeline.eval_loader(image_index, host_config, **kwargs),
                             pipeline.eval_loader(image_index, device_config, **kwargs)):
         assert device["image"].dtype == np.uint8 and device["image"].shape == (4, 3, 16, 16)
-        for key in ("image", "label", "mask", "index", "study_type"):
+        np.testing.assert_array_equal(pipeline.whole_planes(device), pipeline.whole_planes(host))
+        for key in ("grey", "label", "mask", "index", "study_type"):
             np.testing.assert_array_equal(device[key], host[key])
     train_host, train_device = (next(iter(pipeline.train_loader(
         image_index, c, seed=0, epoch=0, **kwargs))) for c in (host_config, device_config))
     np.testing.assert_array_equal(train_device["index"], train_host["index"])
     plain = pipeline.eval_loader(image_index, device_config, global_batch_size=6)
-    by_index = next(iter(plain))["image"]
-    np.testing.assert_array_equal(train_device["image"], by_index[train_device["index"]])
+    by_index = pipeline.whole_planes(next(iter(plain)))
+    np.testing.assert_array_equal(pipeline.whole_planes(train_device),
+                                  by_index[train_device["index"]])
 
 
 def test_train_step_augments_uint8_batches_with_the_documented_key():
@@ -279,6 +281,38 @@ def test_a_grey_plane_reaches_the_model_as_its_three_plane_copy():
     pixels = _uint8((4, 1, 32, 32), seed=8)
     np.testing.assert_array_equal(predictor.predict_logits(pixels)[0],
                                   predictor.predict_logits(np.repeat(pixels, 3, axis=1))[0])
+
+
+def test_a_grey_rows_unwritten_planes_are_never_read():
+    """The pipeline writes a grey image into plane 0 only and flags its row ``grey``: whatever
+    its planes 1 and 2 hold, the train step's augmented input, the eval step's normalised one
+    and the predictor's logits are those of plane 0 repeated (``pipeline.whole_planes``), bit
+    for bit; read as pixels, the leftovers would change them."""
+    whole = _uint8((4, 3, 16, 16), seed=11)
+    grey = np.asarray([True, False, True, False])
+    whole[grey] = whole[grey, :1]
+    leftovers = whole.copy()
+    leftovers[grey, 1:] = _uint8((2, 2, 16, 16), seed=12)
+
+    def batch(image, flags=grey):
+        return {"image": image, "grey": flags, "index": np.arange(4, dtype=np.int32) * 3,
+                "mask": np.asarray([1.0, 1.0, 1.0, 0.0], np.float32)}
+
+    np.testing.assert_array_equal(pipeline.whole_planes(batch(leftovers)), whole)
+    train_batch = jax.jit(device_augment.train_batch, static_argnums=3)
+    eval_batch = jax.jit(device_augment.eval_batch)
+    key = jax.random.key(3)
+    for fn in (lambda b: train_batch(b, key, 5, ON), eval_batch):
+        expected = np.asarray(fn(batch(whole))["image"])
+        np.testing.assert_array_equal(np.asarray(fn(batch(leftovers))["image"]), expected)
+        read = np.asarray(fn(batch(leftovers, np.zeros(4, bool)))["image"])
+        assert np.abs(read - expected).max() > 0.1
+    config = helpers.tiny_config(**{"data.image_size": 16})
+    predictor = inference.Predictor(train_state.model_from_config(config),
+                                    helpers.tiny_state(config).variables,
+                                    image_size=16, batch_size=4)
+    np.testing.assert_array_equal(predictor.predict_batch(batch(leftovers)),
+                                  predictor.predict_batch(batch(whole)))
 
 
 def test_predictor_normalises_uint8_batches():

@@ -183,8 +183,8 @@ def test_predictor_and_evaluate_mode_use_the_ema_weights(mura_root, uninterrupte
     with_ema = inference.Predictor.from_workdir(workdir, top_k=1, batch_size=16)
     raw = inference.Predictor.from_workdir(workdir, top_k=1, batch_size=16, use_ema=False)
     assert with_ema.use_ema and not raw.use_ema
-    ema_p = jax.nn.sigmoid(with_ema.predict_logits(batch["image"])[0][0])
-    raw_p = jax.nn.sigmoid(raw.predict_logits(batch["image"])[0][0])
+    ema_p = jax.nn.sigmoid(with_ema.predict_batch(batch)[0])
+    raw_p = jax.nn.sigmoid(raw.predict_batch(batch)[0])
     np.testing.assert_allclose(ema_p, expected, rtol=1e-5, atol=1e-6)
     assert np.max(np.abs(ema_p - raw_p)) > 1e-4
 

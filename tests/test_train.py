@@ -137,7 +137,7 @@ def test_predictor_probabilities_equal_eval_step(mura_root, uninterrupted):
     _, expected = jax.jit(steps.eval_step)(state, batch)
 
     predictor = inference.Predictor.from_workdir(workdir, top_k=1, batch_size=16)
-    logits, _ = predictor.predict_logits(batch["image"])
+    logits = predictor.predict_batch(batch)
     np.testing.assert_allclose(jax.nn.sigmoid(logits[0]), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -8,9 +8,10 @@ host path but neither flipped, rotated nor normalised (uint8, a quarter of the f
 ``murajax.steps`` calls ``train_batch`` (augment + normalise) and ``eval_batch`` (normalise).
 With ``augment_on='host'`` the pipeline ships uint8 too, flipped and rotated: only the
 normalisation happens here. Either way the batch's pixels arrive channels first,
-``[b, 3, S, S]``, or ``[b, 1, S, S]`` with ``config.data.colour='grey'`` (``channels_last``
-turns either into the model's ``[b, S, S, 3]``, repeating one plane); the warp and the
-normalisation work on ``[..., H, W, 3]``.
+``[b, 3, S, S]`` with a grey image in plane 0 only (its row's ``grey`` flag set), or
+``[b, 1, S, S]`` with ``config.data.colour='grey'``; ``channels_last`` turns either into the
+model's ``[b, S, S, 3]``, repeating one plane. The warp and the normalisation work on
+``[..., H, W, 3]``.
 
 Every function is pure. The draws of an example are keyed by ``fold_in(fold_in(key, step),
 index)``, ``index`` being the image's position in its split: they depend neither on the batch's
@@ -159,13 +160,17 @@ def _real_rows(image, mask):
     return jnp.where(jnp.reshape(mask > 0, (-1, 1, 1, 1)), image, jnp.zeros((), image.dtype))
 
 
-def channels_last(image) -> jax.Array:
+def channels_last(image, grey=None) -> jax.Array:
     """The pipeline's uint8 ``[b, C, S, S]`` (channels first; C 3, or 1 for a grey batch) ->
-    ``[b, S, S, 3]``, one plane repeated three times. Repeated here, before the warp: warping
-    one plane and repeating the float result made XLA:CPU's train-step input 1.7x slower than
-    warping three (16 against 10 ms at batch 8, 320 px; the repeat fuses into the warp's
-    gathers)."""
+    ``[b, S, S, 3]``, one plane repeated three times. ``grey`` (bool ``[b]``, the batch's
+    ``'grey'``): rows whose pixels are in plane 0 only (their planes 1 and 2 hold leftovers, never
+    read); None: every row of a three-plane batch is whole. Repeated here, before the warp:
+    warping one plane and repeating the float result made XLA:CPU's train-step input 1.7x
+    slower than warping three (16 against 10 ms at batch 8, 320 px; the repeat fuses into the
+    warp's gathers)."""
     image = jnp.transpose(jnp.asarray(image), (0, 2, 3, 1))
+    if grey is not None and image.shape[-1] == 3:
+        image = jnp.where(jnp.reshape(jnp.asarray(grey), (-1, 1, 1, 1)), image[..., :1], image)
     return jnp.broadcast_to(image, image.shape[:3] + (3,))
 
 
@@ -179,7 +184,8 @@ def train_batch(batch: dict, key: jax.Array, step, settings: DeviceAugment | Non
     if image.dtype != jnp.uint8:
         raise ValueError(f"augmentation on the device needs uint8 images (the pipeline's with "
                          f"config.data.augment_on='device'), got {image.dtype}")
-    image = augment(channels_last(image), key, batch["index"], step, settings)
+    image = augment(channels_last(image, batch.get("grey")), key, batch["index"], step,
+                    settings)
     return {**batch, "image": _real_rows(image, batch["mask"])}
 
 
@@ -188,5 +194,5 @@ def eval_batch(batch: dict) -> dict:
     ``[b, S, S, 3]``; a float32 one (already normalised) as it is."""
     if batch["image"].dtype != jnp.uint8:
         return batch
-    image = normalise(channels_last(batch["image"]))
+    image = normalise(channels_last(batch["image"], batch.get("grey")))
     return {**batch, "image": _real_rows(image, batch["mask"])}

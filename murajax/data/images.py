@@ -242,6 +242,19 @@ def transform(image, image_size: int, resize: str, *, flip=False, angle=0.0) -> 
     return cv2.bitwise_and(out, inside, dst=out)
 
 
+def channels_first_into(pixels: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = pixels.transpose(2, 0, 1)`` for uint8 HxWxC pixels and a ``[C, H, W]``
+    ``out`` (e.g. a batch's row). OpenCV's de-interleave writes contiguous planes in place: 16
+    against 97 µs for numpy's strided write at 320 px here. Numpy's write for other planes, or
+    if OpenCV hands back arrays of its own."""
+    planes = [out[c] for c in range(out.shape[0])]
+    if all(plane.flags.c_contiguous for plane in planes):
+        written = cv2.split(pixels, planes)
+        if all(a is b for a, b in zip(written, planes)):
+            return
+    out[...] = pixels.transpose(2, 0, 1)
+
+
 # _LUT[v, c] == (v / 255 - mean[c]) / std[c]: normalising is a table look-up.
 _LUT = (np.arange(256, dtype=np.float32)[:, None] * _SCALE + _OFFSET).astype(np.float32)
 _LUT_CHANNELS = [np.ascontiguousarray(_LUT[:, c]) for c in range(3)]

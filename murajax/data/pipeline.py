@@ -15,6 +15,10 @@ Batches are dicts of numpy arrays with local batch size ``b = global_batch_size 
                                   to three and normalises (``murajax.data.device_augment``,
                                   bit-identical to the host's table): a quarter of the float32
                                   bytes
+    grey        bool    [b]           the row's image is grey and fills plane 0 only: its planes
+                                  1 and 2 are not written (whatever the buffer held). Read
+                                  the pixels through ``device_augment.channels_last(image,
+                                  grey)`` (the steps and the predictor do) or ``whole_planes``
     label       int32   [b]           1 abnormal, 0 normal, -1 unknown
     study_type  int32   [b]           index into STUDY_TYPES, -1 unknown
     mask        float32 [b]           1 real example; 0 padding or an unreadable image (skipped)
@@ -275,13 +279,14 @@ class _BatchBuilder:
         b = positions.shape[0]
         s = o.image_size
         on_device = o.augment_on == "device"  # neither flipped nor rotated here
-        # Channels first, normalised in the step: a grey image is three contiguous copies
-        # (0.008 ms at 320 px, against 0.11 ms for three strided channel writes of [S, S, 3]),
-        # or one plane when every image is grey (config.data.colour='grey'; the step
-        # repeats it). Not zeroed first (a cached image's whole cost is 0.1 ms): each row is
-        # written below.
+        # Channels first, normalised in the step. A grey image fills plane 0 only and sets its
+        # row's ``grey`` flag; the step repeats the plane (``device_augment.channels_last``).
+        # Its other two planes are left as np.empty found them: writing them was a quarter of
+        # a cached image's CPU (issue 15). One plane per row when every image is grey
+        # (config.data.colour='grey'). Not zeroed first: each row is written below.
         planes = 1 if o.colour == "grey" else 3
         image = np.empty((b, planes, s, s), dtype=np.uint8)
+        grey = np.zeros((b,), dtype=bool)
         mask = np.zeros((b,), dtype=np.float32)
         label = np.full((b,), -1, dtype=np.int32)
         study_type = np.full((b,), -1, dtype=np.int32)
@@ -302,12 +307,14 @@ class _BatchBuilder:
                 continue  # mask stays 0; the main process counts and logs it
             pixels = np.asarray(transformed, np.uint8)
             if pixels.ndim == 2:
-                image[i, :] = pixels  # each plane
+                image[i, 0] = pixels
+                grey[i] = True
             else:
-                image[i] = pixels.transpose(2, 0, 1)
+                images_lib.channels_first_into(pixels, image[i])
             mask[i] = 1.0
         return {
             "image": image,
+            "grey": grey,
             "label": label,
             "study_type": study_type,
             "mask": mask,
@@ -337,6 +344,17 @@ def _build_iterator(builder: _BatchBuilder, start: int, stop: int, options: _Opt
             grain.ReadOptions(num_threads=threads, prefetch_buffer_size=options.prefetch)
         )
     return iter(ds)
+
+
+def whole_planes(batch: dict) -> np.ndarray:
+    """A copy of the batch's ``image`` with every row whole: plane 0 of each ``grey`` row
+    repeated into its planes 1 and 2, as the steps see it (before they transpose and normalise).
+    For looking at batches on the host; the steps and the predictor read ``grey`` themselves."""
+    image = np.array(batch["image"])
+    if image.shape[1] > 1:
+        grey = np.asarray(batch["grey"], bool)
+        image[grey] = image[grey, :1]
+    return image
 
 
 def _plain(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -189,11 +189,18 @@ class Predictor:
 
     # -- arrays -------------------------------------------------------------------------------
 
+    def predict_batch(self, batch: dict) -> np.ndarray:
+        """An eval batch of the pipeline (``murajax.data.pipeline``: uint8 images, channels
+        first, grey rows in plane 0 only) -> per-member logits ``[M, b]``."""
+        from murajax.data import device_augment
+
+        return self.predict_logits(device_augment.eval_batch(batch)["image"])[0]
+
     def predict_logits(self, images: np.ndarray, *, cam: bool = False):
         """Preprocessed ``[N, S, S, 3]`` images -> per-member logits ``[M, N]`` (and per-member
         logit maps ``[M, N, h, w]`` with ``cam``), in fixed-size padded batches. uint8 images
-        (an eval batch's: ``[N, 3, S, S]`` or one plane ``[N, 1, S, S]``, channels first) are
-        normalised first."""
+        (``[N, 3, S, S]`` or one plane ``[N, 1, S, S]``, channels first, every plane written;
+        a pipeline batch's go through ``predict_batch``) are normalised first."""
         if np.asarray(images).dtype == np.uint8:
             from murajax.data import device_augment
 

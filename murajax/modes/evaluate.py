@@ -61,7 +61,7 @@ def predict_split(predictor, index, data_config, batch_size: int) -> np.ndarray:
     image skipped as unreadable."""
     probabilities = np.full((len(predictor.variables), len(index.images)), np.nan, np.float32)
     for batch in pipeline.eval_loader(index, data_config, global_batch_size=batch_size):
-        logits, _ = predictor.predict_logits(batch["image"])
+        logits = predictor.predict_batch(batch)
         real = batch["mask"] > 0  # not padding, not an image skipped as unreadable
         probabilities[:, batch["index"][real]] = np.asarray(jax.nn.sigmoid(logits))[:, real]
     return probabilities
