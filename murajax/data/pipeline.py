@@ -283,7 +283,8 @@ class _BatchBuilder:
         # row's ``grey`` flag; the step repeats the plane (``device_augment.channels_last``).
         # Its other two planes are left as np.empty found them: writing them was a quarter of
         # a cached image's CPU (issue 15). One plane per row when every image is grey
-        # (config.data.colour='grey'). Not zeroed first: each row is written below.
+        # (config.data.colour='grey'). Not zeroed first: each row's read planes are written
+        # below (padding and unreadable rows: all zeros).
         planes = 1 if o.colour == "grey" else 3
         image = np.empty((b, planes, s, s), dtype=np.uint8)
         grey = np.zeros((b,), dtype=bool)
