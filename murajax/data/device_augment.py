@@ -160,11 +160,12 @@ def _real_rows(image, mask):
     return jnp.where(jnp.reshape(mask > 0, (-1, 1, 1, 1)), image, jnp.zeros((), image.dtype))
 
 
-def channels_last(image, grey=None) -> jax.Array:
+def channels_last(image, grey) -> jax.Array:
     """The pipeline's uint8 ``[b, C, S, S]`` (channels first; C 3, or 1 for a grey batch) ->
     ``[b, S, S, 3]``, one plane repeated three times. ``grey`` (bool ``[b]``, the batch's
-    ``'grey'``): rows whose pixels are in plane 0 only (their planes 1 and 2 hold leftovers, never
-    read); None: every row of a three-plane batch is whole. Repeated here, before the warp:
+    ``'grey'``, no default so that no caller forgets it): rows whose pixels are in plane 0 only
+    (their planes 1 and 2 hold leftovers, never read); None: every row is whole (the images of a
+    batch made without the pipeline, which always sets it). Repeated here, before the warp:
     warping one plane and repeating the float result made XLA:CPU's train-step input 1.7x
     slower than warping three (16 against 10 ms at batch 8, 320 px; the repeat fuses into the
     warp's gathers)."""

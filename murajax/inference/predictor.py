@@ -204,7 +204,7 @@ class Predictor:
         if np.asarray(images).dtype == np.uint8:
             from murajax.data import device_augment
 
-            images = device_augment.normalise(device_augment.channels_last(images))
+            images = device_augment.normalise(device_augment.channels_last(images, None))
         images = np.asarray(images, np.float32)
         n = images.shape[0]
         logits, cams = [], []
