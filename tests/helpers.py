@@ -9,6 +9,19 @@ from murajax import checkpoints, optim, train_state
 IMAGE_SIZE = 32
 
 
+def assert_same_batch(a, b):
+    """Two pipeline batches: the same fields, equal; the images as the steps read them (a grey
+    row's planes 1 and 2 are not written: ``pipeline.whole_planes``)."""
+    from murajax.data import pipeline
+
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "image":
+            np.testing.assert_array_equal(pipeline.whole_planes(a), pipeline.whole_planes(b))
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def tiny_config(**overrides):
     config = smoke.get_config()
     config.data.image_size = IMAGE_SIZE

@@ -100,7 +100,7 @@ def test_batches_from_the_cache_equal_those_from_the_files(mura_root, built):
                                             epoch=0),
                       pipeline.train_loader(index, files, global_batch_size=8, seed=1, epoch=0))
     for a, b in list(eval_pairs) + list(train_pairs):
-        _assert_same_batch(a, b)
+        helpers.assert_same_batch(a, b)
     # Augmented on the host: the cached image flipped and rotated by images.transform.
     config.data.hflip, config.data.rotation_degrees = True, 30.0
     loader = pipeline.train_loader(index, config.data, global_batch_size=8, seed=1, epoch=0)
@@ -115,17 +115,6 @@ def test_batches_from_the_cache_equal_those_from_the_files(mura_root, built):
                                    flip=bool(flips[0, i]), angle=float(angles[0, i]))
         expected = np.asarray(flipped)
         np.testing.assert_array_equal(whole[i], _channels_first(expected))
-
-
-def _assert_same_batch(a, b):
-    """Every field equal; the images as the steps read them (a grey row's planes 1 and 2 are
-    not written: ``pipeline.whole_planes``)."""
-    assert a.keys() == b.keys()
-    for key in a:
-        if key == "image":
-            np.testing.assert_array_equal(pipeline.whole_planes(a), pipeline.whole_planes(b))
-        else:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def _luminance(batch_image):
@@ -366,7 +355,7 @@ def test_prefetch_auto_builds_cached_batches_in_the_loops_thread(mura_root, buil
     pairs = list(zip(auto, ahead))
     assert len(pairs) == len(index.images) // 8
     for a, b in pairs:
-        _assert_same_batch(a, b)
+        helpers.assert_same_batch(a, b)
 
 
 def test_predict_from_the_cache_equals_predicting_the_files(mura_root, built, trained, tmp_path):
